@@ -1,0 +1,1 @@
+"""Policy schema, parsing and validation."""

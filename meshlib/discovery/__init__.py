@@ -1,0 +1,1 @@
+"""Discovery and configuration from etcd: client, watches, registration, snapshots."""
