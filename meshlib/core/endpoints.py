@@ -34,9 +34,12 @@ class Endpoint:
     protocol: Protocol = "http"
     zone: str | None = None
     weight: int = 100
-    labels: Mapping[str, str] = field(default=_EMPTY)
-    metadata: Mapping[str, Any] = field(default=_EMPTY)
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     key: str = ""
+
+    def __hash__(self) -> int:
+        return hash(self.key) if self.key else hash((self.address, self.port))
 
     @property
     def authority(self) -> str:

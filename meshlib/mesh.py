@@ -1,0 +1,293 @@
+"""``Mesh``: one per process. Owns the etcd connection, the watch thread, the snapshot
+store and the registrations; hands out snapshots (and, in later layers, HTTP clients and
+gRPC channels) that read the store without locks.
+
+Threads: one watch thread (all watched prefixes multiplexed on one etcd Watch stream) and
+one keepalive thread per registration. Sync and asyncio users share them; the async
+``async_wait_for`` is woken from the watch thread with ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from meshlib.config import DEFAULT_POLICY
+from meshlib.core.endpoints import Endpoint, ServiceSnapshot
+from meshlib.discovery.etcd_client import EtcdClient
+from meshlib.discovery.keys import DEFAULT_PREFIX, KeyLayout, check_service_name
+from meshlib.discovery.registration import Registration
+from meshlib.discovery.store import SnapshotStore
+from meshlib.discovery.watch import WatchManager
+from meshlib.telemetry import metrics
+
+log = logging.getLogger("meshlib")
+
+ENV_ENDPOINTS = "MESHLIB_ETCD_ENDPOINTS"
+ENV_PREFIX = "MESHLIB_PREFIX"
+DEFAULT_ENDPOINTS = "127.0.0.1:2379"
+
+
+class MeshTimeout(TimeoutError):
+    """``wait_for`` did not see the requested endpoints in time."""
+
+
+def resolve_endpoints(etcd: str | Sequence[str] | None) -> list[str]:
+    """Endpoints from the argument, else ``MESHLIB_ETCD_ENDPOINTS``, else 127.0.0.1:2379."""
+    if etcd is None:
+        etcd = os.environ.get(ENV_ENDPOINTS, DEFAULT_ENDPOINTS)
+    items = etcd.split(",") if isinstance(etcd, str) else list(etcd)
+    out = [e.strip() for e in items if e and e.strip()]
+    if not out:
+        raise ValueError("no etcd endpoints given")
+    return out
+
+
+class Mesh:
+    """The process-wide entry point.
+
+    >>> mesh = Mesh("127.0.0.1:2379")                          # doctest: +SKIP
+    >>> reg = mesh.register("orders", 8080, labels={"version": "v1"})  # doctest: +SKIP
+    >>> mesh.wait_for("orders").endpoints                       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        etcd: str | Sequence[str] | None = None,
+        *,
+        prefix: str | None = None,
+        zone: str | None = None,
+        service: str | None = None,
+        snapshot_path: str | None = None,
+        etcd_timeout: float = 5.0,
+        progress_interval: float = 1.0,
+        handle_sigterm: bool = True,
+    ) -> None:
+        self.endpoints = resolve_endpoints(etcd)
+        self.layout = KeyLayout(prefix or os.environ.get(ENV_PREFIX, DEFAULT_PREFIX))
+        self.zone = zone
+        self.service = service  # this process's own service name (caller identity)
+        self.client = EtcdClient(self.endpoints, timeout=etcd_timeout)
+        self.store = SnapshotStore(self.layout, snapshot_path=snapshot_path)
+        self._watcher = WatchManager(
+            self.client, progress_interval=progress_interval, on_state=self._on_etcd_state
+        )
+        metrics.track_staleness(self._watcher)
+        self._watched: dict[str, Any] = {}
+        self._watch_lock = threading.Lock()
+        self._registrations: list[Registration] = []
+        self._closed = False
+        self._default_watch = self._watcher.watch_prefix(
+            self.layout.default_policy_key, self._on_default_reset, self._on_default_events
+        )
+        _live_meshes.add(self)
+        if handle_sigterm:
+            _install_sigterm_handler()
+
+    # --- etcd state ------------------------------------------------------------------------
+    def _on_etcd_state(self, connected: bool) -> None:
+        metrics.ETCD_CONNECTED.set(1 if connected else 0)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._watcher.connected)
+
+    @property
+    def staleness(self) -> float | None:
+        last = self._watcher.last_contact
+        return None if last is None else time.monotonic() - last
+
+    def _on_default_reset(self, kvs: list[Any], revision: int) -> None:
+        match = [kv for kv in kvs if kv.key == self.layout.default_policy_key]
+        if match:
+            self.store.reset_default_policy(match[0].value, match[0].mod_revision)
+        else:
+            self.store.reset_default_policy(None, revision)
+
+    def _on_default_events(self, events: list[tuple[str, Any]], revision: int) -> None:
+        for etype, kv in events:
+            if kv.key != self.layout.default_policy_key:
+                continue
+            if etype == "delete":
+                self.store.reset_default_policy(None, revision)
+            else:
+                self.store.reset_default_policy(kv.value, kv.mod_revision)
+
+    # --- discovery ---------------------------------------------------------------------------
+    def watch(self, service: str) -> None:
+        """Start watching ``service`` (idempotent). Done implicitly by ``snapshot``/``wait_for``."""
+        if service in self._watched:
+            return
+        check_service_name(service)
+        with self._watch_lock:
+            if service in self._watched or self._closed:
+                return
+            self.store.ensure_service(service)
+            self._watched[service] = self._watcher.watch_prefix(
+                self.layout.service_prefix(service),
+                lambda kvs, rev, s=service: self.store.reset_service(s, kvs, rev),
+                lambda evs, rev, s=service: self.store.apply_events(s, evs, rev),
+            )
+
+    def snapshot(self, service: str) -> ServiceSnapshot:
+        """The current snapshot of ``service`` (empty until etcd has answered). Lock-free."""
+        snap = self.store.get(service)
+        if snap is not None and service in self._watched:
+            return snap
+        self.watch(service)
+        return self.store.get(service) or ServiceSnapshot(service, policy=DEFAULT_POLICY)
+
+    def add_listener(self, listener: Callable[[str, ServiceSnapshot], None]) -> Callable[[], None]:
+        """Call ``listener(service, snapshot)`` from the watch thread on every swap."""
+        return self.store.add_listener(listener)
+
+    def wait_for(
+        self, service: str, min_endpoints: int = 1, timeout: float | None = 10.0
+    ) -> ServiceSnapshot:
+        """Block until ``service`` has at least ``min_endpoints`` endpoints."""
+        self.watch(service)
+
+        def ready() -> bool:
+            snap = self.store.get(service)
+            return snap is not None and len(snap.endpoints) >= min_endpoints
+
+        if not self.store.wait(ready, timeout):
+            have = len(self.snapshot(service).endpoints)
+            raise MeshTimeout(
+                f"service {service!r}: {have} endpoint(s) after {timeout}s, wanted {min_endpoints}"
+            )
+        return self.snapshot(service)
+
+    async def async_wait_for(
+        self, service: str, min_endpoints: int = 1, timeout: float | None = 10.0
+    ) -> ServiceSnapshot:
+        """``wait_for`` for asyncio code: does not block the event loop."""
+        self.watch(service)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> bool:
+            snap = self.store.get(service)
+            return snap is not None and len(snap.endpoints) >= min_endpoints
+
+        def wake(_s: str, _snap: ServiceSnapshot) -> None:
+            if _s == service and ready():
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+        remove = self.store.add_listener(wake)
+        try:
+            if not ready():
+                try:
+                    await asyncio.wait_for(fut, timeout)
+                except TimeoutError:
+                    have = len(self.snapshot(service).endpoints)
+                    raise MeshTimeout(
+                        f"service {service!r}: {have} endpoint(s) after {timeout}s, "
+                        f"wanted {min_endpoints}"
+                    ) from None
+        finally:
+            remove()
+        return self.snapshot(service)
+
+    # --- registration ----------------------------------------------------------------------
+    def register(
+        self,
+        service: str,
+        port: int,
+        *,
+        address: str = "127.0.0.1",
+        protocol: str = "http",
+        zone: str | None = None,
+        labels: dict[str, str] | None = None,
+        weight: int = 100,
+        metadata: dict[str, Any] | None = None,
+        ttl: float = 10.0,
+        instance_id: str | None = None,
+        wait: bool = True,
+    ) -> Registration:
+        """Register an instance of ``service``; returns a handle (context manager)."""
+        check_service_name(service)
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port out of range: {port!r}")
+        iid = instance_id or f"{address}-{port}-{uuid.uuid4().hex[:8]}".replace(":", "_")
+        key = self.layout.instance_key(service, iid)
+        ep = Endpoint(
+            service=service,
+            instance_id=iid,
+            address=address,
+            port=int(port),
+            protocol=protocol,  # type: ignore[arg-type]
+            zone=zone if zone is not None else self.zone,
+            weight=weight,
+            labels=dict(labels or {}),
+            metadata=dict(metadata or {}),
+            key=key,
+        )
+        reg = Registration(self.client, key, ep, ttl)
+        self._registrations.append(reg)
+        if wait and not reg.wait_registered(timeout=self.client.timeout * 2):
+            log.warning("%s not registered yet (etcd unreachable?); will keep trying", key)
+        return reg
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for reg in self._registrations:
+            reg.close()
+        self._watcher.close()
+        self.client.close()
+        _live_meshes.discard(self)
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_live_meshes: weakref.WeakSet[Mesh] = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    for mesh in list(_live_meshes):
+        try:
+            mesh.close()
+        except Exception:
+            log.exception("closing mesh at exit failed")
+
+
+atexit.register(_close_all)
+_sigterm_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    """Deregister on SIGTERM (then defer to the previous handler or exit 143)."""
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _close_all()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_IGN:
+            return
+        else:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    _sigterm_installed = True
