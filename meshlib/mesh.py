@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import logging
 import os
 import signal
@@ -113,7 +114,7 @@ class Mesh:
         else:
             self.store.reset_default_policy(None, revision)
 
-    def _on_default_events(self, events: list[tuple[str, Any]], revision: int) -> None:
+    def _on_default_events(self, events: list[Any], revision: int) -> None:
         for etype, kv in events:
             if kv.key != self.layout.default_policy_key:
                 continue
@@ -134,8 +135,8 @@ class Mesh:
             self.store.ensure_service(service)
             self._watched[service] = self._watcher.watch_prefix(
                 self.layout.service_prefix(service),
-                lambda kvs, rev, s=service: self.store.reset_service(s, kvs, rev),
-                lambda evs, rev, s=service: self.store.apply_events(s, evs, rev),
+                functools.partial(self.store.reset_service, service),
+                functools.partial(self.store.apply_events, service),
             )
 
     def snapshot(self, service: str) -> ServiceSnapshot:
@@ -179,9 +180,13 @@ class Mesh:
             snap = self.store.get(service)
             return snap is not None and len(snap.endpoints) >= min_endpoints
 
+        def resolve() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
         def wake(_s: str, _snap: ServiceSnapshot) -> None:
             if _s == service and ready():
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+                loop.call_soon_threadsafe(resolve)
 
         remove = self.store.add_listener(wake)
         try:

@@ -191,13 +191,13 @@ class SnapshotStore:
         try:
             return parse_instance_record(key, value, service=service, instance_id=iid)
         except RecordError as exc:
-            metrics.RECORD_REJECTIONS.labels(service).inc()
             log.warning("skipping malformed instance record: %s", exc)
+            metrics.RECORD_REJECTIONS.labels(service).inc()
             return None
 
     def _reject(self, service: str, exc: PolicyError) -> None:
-        metrics.POLICY_REJECTIONS.labels(service).inc()
         log.error("policy refused, last good policy stays in force: %s", exc)
+        metrics.POLICY_REJECTIONS.labels(service).inc()
 
     def _apply_service_policy(self, st: _ServiceState, key: str, value: bytes, rev: int) -> None:
         try:

@@ -233,3 +233,10 @@ def test_close_leaves_no_threads(etcd, prefix):
     mesh.wait_for("tidy", timeout=5)
     mesh.close()
     assert _eventually(lambda: set(threading.enumerate()) <= before, 3), threading.enumerate()
+
+
+def test_mesh_fixture_gives_a_ready_mesh(mesh):
+    """The published ``mesh`` fixture: a Mesh on a real etcd under a prefix of its own."""
+    mesh.register("fixture-svc", 7060)
+    assert [e.port for e in mesh.wait_for("fixture-svc", timeout=5).endpoints] == [7060]
+    assert mesh.layout.prefix.startswith("/meshlib-test/")
