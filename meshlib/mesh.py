@@ -22,7 +22,11 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import httpx
+
 from meshlib.config import DEFAULT_POLICY
+from meshlib.core.call import NULL_OBSERVER, CallObserver
+from meshlib.core.destination import DestinationState
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
 from meshlib.discovery.etcd_client import EtcdClient
 from meshlib.discovery.keys import DEFAULT_PREFIX, KeyLayout, check_service_name
@@ -86,6 +90,7 @@ class Mesh:
         self._watched: dict[str, Any] = {}
         self._watch_lock = threading.Lock()
         self._registrations: list[Registration] = []
+        self._destinations: dict[str, DestinationState] = {}
         self._closed = False
         self._default_watch = self._watcher.watch_prefix(
             self.layout.default_policy_key, self._on_default_reset, self._on_default_events
@@ -202,6 +207,42 @@ class Mesh:
         finally:
             remove()
         return self.snapshot(service)
+
+    # --- calls ---------------------------------------------------------------------------------
+    def destination(self, service: str) -> DestinationState:
+        """Per-destination call state shared by every client of this mesh (HTTP, gRPC)."""
+        dest = self._destinations.get(service)
+        if dest is None:
+            check_service_name(service)
+            self.watch(service)
+            with self._watch_lock:
+                dest = self._destinations.get(service)
+                if dest is None:
+                    dest = DestinationState(
+                        service, functools.partial(self.snapshot, service), zone=self.zone
+                    )
+                    self._destinations[service] = dest
+        return dest
+
+    def call_observer(self, kind: str) -> CallObserver:
+        """Telemetry hooks for the call plan of ``kind`` ("http" or "grpc")."""
+        return NULL_OBSERVER
+
+    def http_client(self, *, passthrough: bool = True, **kwargs: Any) -> httpx.Client:
+        """An ``httpx.Client`` whose transport is the mesh: ``client.get("http://orders/x")``."""
+        from meshlib.http import MeshTransport
+
+        kwargs.setdefault("trust_env", False)  # a proxy from the environment would bypass us
+        return httpx.Client(transport=MeshTransport(self, passthrough=passthrough), **kwargs)
+
+    def async_http_client(self, *, passthrough: bool = True, **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` whose transport is the mesh."""
+        from meshlib.http import AsyncMeshTransport
+
+        kwargs.setdefault("trust_env", False)
+        return httpx.AsyncClient(
+            transport=AsyncMeshTransport(self, passthrough=passthrough), **kwargs
+        )
 
     # --- registration ----------------------------------------------------------------------
     def register(

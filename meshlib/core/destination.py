@@ -1,0 +1,123 @@
+"""Per-destination state shared by every driver (httpx, gRPC, shim).
+
+One :class:`DestinationState` per destination service per ``Mesh``. It holds what must
+outlive a snapshot (per-endpoint load and health, the retry budget, the in-flight count)
+and a :class:`Plan`: every policy object compiled once from one ``ServiceSnapshot``
+(balancer, router, zone filter, retry policy, fault injector, limits). The call path
+compares the current snapshot object with the plan's by identity and recompiles only when
+etcd delivered a new one, so no policy object is built per call (Finagle's Stack params /
+Envoy's cluster config: built when config changes, read per request).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from meshlib.core.balancer import Balancer, LoadStats, ZoneFilter, hash_key_source, make_balancer
+from meshlib.core.budget import RetryBudget
+from meshlib.core.endpoints import ServiceSnapshot
+from meshlib.core.health import HealthRegistry
+from meshlib.core.retry import RetryPolicy
+from meshlib.core.routing import FaultInjector, Router
+
+
+class Plan:
+    """Everything compiled from one snapshot. Read-only after construction."""
+
+    __slots__ = (
+        "snapshot", "policy", "balancer", "router", "zones", "retry", "faults",
+        "max_requests", "hash_source", "has_header_routes", "endpoint_count",
+    )
+
+    def __init__(self, dest: DestinationState, snap: ServiceSnapshot) -> None:
+        policy = snap.policy
+        self.snapshot = snap
+        self.policy = policy
+        keys = [e.key for e in snap.endpoints]
+        dest.stats.configure(policy.load_balancer.ewma.default_rtt, policy.load_balancer.ewma.decay)
+        dest.stats.prune(keys)
+        dest.health.configure(policy.circuit_breaker, policy.outlier_detection)
+        dest.health.prune(keys)
+        self.balancer: Balancer = make_balancer(
+            policy.load_balancer, dest.stats, rng=dest.rng, now=dest.now, health=dest.health
+        )
+        self.router = Router(policy.subsets, policy.routes, snap.endpoints)
+        self.zones = ZoneFilter(
+            dest.zone,
+            policy.load_balancer.min_zone_healthy_percent,
+            dest.health,
+            enabled=policy.load_balancer.zone_aware,
+        )
+        self.retry = RetryPolicy.from_policy(
+            policy, now=dest.now, rng=dest.rng, budget=dest.budget_for(policy.retries.budget)
+        )
+        self.faults = FaultInjector(policy.fault)
+        self.max_requests = int(policy.concurrency.max_requests)
+        self.hash_source = (
+            hash_key_source(policy.load_balancer)
+            if policy.load_balancer.policy == "ring_hash"
+            else None
+        )
+        self.has_header_routes = bool(policy.routes)
+        self.endpoint_count = len(snap.endpoints)
+
+
+class DestinationState:
+    """State of one destination service, shared by all drivers of one ``Mesh``."""
+
+    def __init__(
+        self,
+        service: str,
+        snapshot: Callable[[], ServiceSnapshot],
+        *,
+        zone: str | None = None,
+        now: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.service = service
+        self._snapshot = snapshot
+        self.zone = zone
+        self.now = now
+        self.rng = rng or random.Random()
+        self.stats = LoadStats(now)
+        self.health = HealthRegistry(None, None, now)
+        self._budget: RetryBudget | None = None
+        self._budget_cfg: Any = None
+        self._plan: Plan | None = None
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+
+    def budget_for(self, cfg: Any) -> RetryBudget:
+        """The destination's retry budget, kept across policy changes unless its settings change."""
+        if self._budget is None or cfg != self._budget_cfg:
+            self._budget = RetryBudget.from_policy(cfg, self.now)
+            self._budget_cfg = cfg
+        return self._budget
+
+    def plan(self) -> Plan:
+        """The plan for the current snapshot (recompiled only when the snapshot changed)."""
+        snap = self._snapshot()
+        plan = self._plan
+        if plan is None or plan.snapshot is not snap:
+            plan = self._plan = Plan(self, snap)
+        return plan
+
+    # --- concurrency limit (Envoy max_requests): a counter, never held across I/O ---------
+    def acquire(self, limit: int) -> bool:
+        with self._inflight_lock:
+            if self._inflight >= limit:
+                return False
+            self._inflight += 1
+            return True
+
+    def release(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight

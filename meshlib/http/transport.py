@@ -1,0 +1,235 @@
+"""httpx transports that route ``http://<service>/...`` through the mesh.
+
+Both transports run the same sans-I/O call plan (``meshlib.core.call.run_call``) and share
+every step but the I/O (``meshlib.http.attempt``); the two ``_drive`` loops below are
+line-for-line twins (sleep vs ``await asyncio.sleep``, send vs ``await``), and one table of
+behaviour tests runs against both.
+
+A host is a mesh service when it is a single DNS label (``orders``; no dots, not
+``localhost``, not an IP literal). Other hosts pass through to a plain httpx transport,
+or are refused with :class:`NotAMeshServiceError` when ``passthrough=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpcore
+import httpx
+from httpx._transports.default import (
+    AsyncResponseStream,
+    ResponseStream,
+    map_httpcore_exceptions,
+)
+
+from meshlib.core.call import CallObserver, Sleep, run_call
+from meshlib.core.destination import DestinationState
+from meshlib.http.attempt import (
+    CALLER_HEADER,
+    adiscard,
+    build_attempt,
+    discard,
+    finish,
+    replayable,
+    request_deadline,
+    result_from_error,
+    result_from_response,
+)
+from meshlib.http.errors import NotAMeshServiceError
+from meshlib.http.pool import AsyncEndpointPool
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+_NOT_MESH = object()
+
+
+def _is_mesh_host(host: str) -> bool:
+    return bool(host) and "." not in host and ":" not in host and host != "localhost"
+
+
+class _Router:
+    """Host -> DestinationState (cached per host: one dict lookup per call)."""
+
+    def __init__(self, mesh: Mesh, passthrough: bool) -> None:
+        self.mesh = mesh
+        self.passthrough = passthrough
+        self._by_host: dict[bytes, Any] = {}
+        caller = mesh.service
+        self.extra_headers: list[tuple[bytes, bytes]] = (
+            [(CALLER_HEADER, caller.encode())] if caller else []
+        )
+
+    def destination(self, request: httpx.Request) -> DestinationState | None:
+        raw = request.url.raw_host
+        dest = self._by_host.get(raw)
+        if dest is None:
+            host = raw.decode("ascii", "replace").lower()
+            dest = self.mesh.destination(host) if _is_mesh_host(host) else _NOT_MESH
+            self._by_host[raw] = dest
+        if dest is _NOT_MESH:
+            if not self.passthrough:
+                raise NotAMeshServiceError(
+                    f"host {request.url.host!r} is not a mesh service (use a single-label "
+                    "service name such as http://orders/...)",
+                    service=request.url.host, request=request,
+                )
+            return None
+        return dest  # type: ignore[no-any-return]
+
+    def start(self, dest: DestinationState, request: httpx.Request, observer: CallObserver):
+        plan = dest.plan()
+        headers = request.headers
+        return run_call(
+            dest,
+            plan,
+            method=request.method,
+            path=request.url.path if plan.has_header_routes else "/",
+            header=headers.get,
+            has_idempotency_key=lambda: "idempotency-key" in headers,
+            replayable=replayable(request),
+            deadline=request_deadline(request, dest.now()),
+            observer=observer,
+        )
+
+
+class MeshTransport(httpx.BaseTransport):
+    """Sync transport: ``httpx.Client(transport=MeshTransport(mesh))``.
+
+    Connections: one ``httpcore.ConnectionPool`` (its sync pool performs well; the
+    async pool does not, see ``pool.py``)."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        *,
+        passthrough: bool = True,
+        max_keepalive_per_endpoint: int = 64,
+        keepalive_expiry: float = 5.0,
+        observer: CallObserver | None = None,
+    ) -> None:
+        self._router = _Router(mesh, passthrough)
+        self._pool = httpcore.ConnectionPool(
+            max_connections=None,
+            max_keepalive_connections=max_keepalive_per_endpoint * 16,
+            keepalive_expiry=keepalive_expiry,
+        )
+        self._fallback: httpx.BaseTransport | None = None
+        self._observer = observer or mesh.call_observer("http")
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        dest = self._router.destination(request)
+        if dest is None:
+            if self._fallback is None:
+                self._fallback = httpx.HTTPTransport()
+            return self._fallback.handle_request(request)
+        gen = self._router.start(dest, request, self._observer)
+        extra = self._router.extra_headers
+        now = dest.now
+        pending: Any = None
+        try:
+            action = next(gen)
+            while True:
+                if isinstance(action, Sleep):
+                    time.sleep(action.seconds)
+                    action = gen.send(None)
+                    continue
+                if pending is not None:
+                    discard(pending)
+                    pending = None
+                try:
+                    with map_httpcore_exceptions():
+                        resp = self._pool.handle_request(
+                            build_attempt(request, action, extra, now())
+                        )
+                    response = httpx.Response(
+                        status_code=resp.status, headers=resp.headers,
+                        stream=ResponseStream(resp.stream), extensions=resp.extensions,
+                    )
+                    result = result_from_response(response)
+                    pending = response
+                except httpx.TransportError as exc:
+                    result = result_from_error(exc)
+                action = gen.send(result)
+        except StopIteration as stop:
+            return finish(request, dest.service, stop.value)
+        except BaseException:
+            gen.close()  # frees the concurrency slot, the load count and any breaker trial
+            if pending is not None:
+                pending.close()
+            raise
+
+    def close(self) -> None:
+        self._pool.close()
+        if self._fallback is not None:
+            self._fallback.close()
+
+
+class AsyncMeshTransport(httpx.AsyncBaseTransport):
+    """Async transport: ``httpx.AsyncClient(transport=AsyncMeshTransport(mesh))``.
+
+    Connections: per-endpoint stacks of ``httpcore.AsyncHTTPConnection`` (``pool.py``)."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        *,
+        passthrough: bool = True,
+        max_keepalive_per_endpoint: int = 64,
+        keepalive_expiry: float = 5.0,
+        observer: CallObserver | None = None,
+    ) -> None:
+        self._router = _Router(mesh, passthrough)
+        self._pool = AsyncEndpointPool(keepalive_expiry=keepalive_expiry,
+                                       max_idle=max_keepalive_per_endpoint)
+        self._fallback: httpx.AsyncBaseTransport | None = None
+        self._observer = observer or mesh.call_observer("http")
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        dest = self._router.destination(request)
+        if dest is None:
+            if self._fallback is None:
+                self._fallback = httpx.AsyncHTTPTransport()
+            return await self._fallback.handle_async_request(request)
+        gen = self._router.start(dest, request, self._observer)
+        extra = self._router.extra_headers
+        now = dest.now
+        pending: Any = None
+        try:
+            action = next(gen)
+            while True:
+                if isinstance(action, Sleep):
+                    await asyncio.sleep(action.seconds)
+                    action = gen.send(None)
+                    continue
+                if pending is not None:
+                    await adiscard(pending)
+                    pending = None
+                try:
+                    with map_httpcore_exceptions():
+                        resp = await self._pool.handle(
+                            build_attempt(request, action, extra, now())
+                        )
+                    response = httpx.Response(
+                        status_code=resp.status, headers=resp.headers,
+                        stream=AsyncResponseStream(resp.stream), extensions=resp.extensions,
+                    )
+                    result = result_from_response(response)
+                    pending = response
+                except httpx.TransportError as exc:
+                    result = result_from_error(exc)
+                action = gen.send(result)
+        except StopIteration as stop:
+            return finish(request, dest.service, stop.value)
+        except BaseException:
+            gen.close()  # frees the concurrency slot, the load count and any breaker trial
+            if pending is not None:
+                await pending.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+        if self._fallback is not None:
+            await self._fallback.aclose()
