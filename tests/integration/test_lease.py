@@ -1,0 +1,147 @@
+"""LeaseKeeper against real etcd: keepalive past the TTL, re-grant after loss, revoke, threads."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+
+from meshlib.discovery.etcd_client import EtcdClient
+from meshlib.discovery.lease import LeaseKeeper
+from meshlib.testing.etcd import EtcdServer
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+class Registrar:
+    """on_granted/on_lost callbacks that keep one key on the current lease."""
+
+    def __init__(self, client: EtcdClient, key: str) -> None:
+        self.client = client
+        self.key = key
+        self.granted: list[int] = []
+        self.lost: list[int] = []
+
+    def on_granted(self, lease_id: int) -> None:
+        self.client.put(self.key, b"up", lease=lease_id, timeout=2)
+        self.granted.append(lease_id)
+
+    def on_lost(self, lease_id: int) -> None:
+        self.lost.append(lease_id)
+
+
+def test_keepalive_keeps_the_key_past_its_ttl(etcd) -> None:
+    with EtcdClient(etcd.endpoints, timeout=3) as c:
+        reg = Registrar(c, "/lease/a")
+        keeper = LeaseKeeper(c, 2, on_granted=reg.on_granted, on_lost=reg.on_lost)
+        try:
+            assert keeper.wait_alive(5)
+            lid = keeper.lease_id
+            assert lid == reg.granted[0] and c.get_prefix("/lease/a")[0][0].lease == lid
+            time.sleep(5)  # 2.5 x TTL
+            assert c.get("/lease/a") is not None
+            assert keeper.alive and keeper.lease_id == lid and reg.lost == []
+            assert c.lease_time_to_live(lid).ttl > 0
+        finally:
+            keeper.revoke()
+        assert c.get("/lease/a") is None  # revoke deletes the key at once
+        assert keeper.lease_id is None and not keeper.alive
+
+
+def test_revoked_lease_is_replaced_and_the_key_comes_back(etcd) -> None:
+    with EtcdClient(etcd.endpoints, timeout=3) as c:
+        reg = Registrar(c, "/lease/b")
+        with LeaseKeeper(c, 3, on_granted=reg.on_granted, on_lost=reg.on_lost) as keeper:
+            assert keeper.wait_alive(5)
+            old = keeper.lease_id
+            assert old is not None
+            c.lease_revoke(old)  # an operator revokes it: the key goes with it
+            assert c.get("/lease/b") is None
+            assert _wait(lambda: len(reg.granted) == 2, 5)
+            assert reg.lost == [old] and reg.granted[1] != old
+            assert keeper.lease_id == reg.granted[1] and keeper.alive
+            assert c.get_prefix("/lease/b")[0][0].lease == reg.granted[1]
+
+
+def test_lease_lost_after_etcd_restart_with_wiped_data(tmp_path) -> None:
+    server = EtcdServer(data_dir=tmp_path / "data").start()
+    try:
+        with EtcdClient(server.endpoints, timeout=3) as c:
+            reg = Registrar(c, "/lease/c")
+            with LeaseKeeper(c, 3, on_granted=reg.on_granted, on_lost=reg.on_lost) as keeper:
+                assert keeper.wait_alive(5)
+                old = keeper.lease_id
+                server.kill()
+                shutil.rmtree(tmp_path / "data")
+                server.start()  # same ports, empty store: the lease and the key are gone
+                assert _wait(lambda: len(reg.granted) == 2, 10)
+                assert reg.lost == [old] and reg.granted[1] != old
+                value = c.get("/lease/c")
+                assert value is not None and value[0] == b"up"
+                assert c.lease_time_to_live(reg.granted[1]).ttl > 0
+    finally:
+        server.stop()
+
+
+def test_outage_longer_than_ttl_reports_lost_then_registers_again(etcd) -> None:
+    with EtcdClient(etcd.endpoints, timeout=3) as c:
+        reg = Registrar(c, "/lease/d")
+        with LeaseKeeper(c, 2, on_granted=reg.on_granted, on_lost=reg.on_lost) as keeper:
+            assert keeper.wait_alive(5)
+            old = keeper.lease_id
+            etcd.kill()
+            # No keepalive can succeed: after the TTL the lease is surely expired.
+            assert _wait(lambda: reg.lost == [old], 6)
+            assert not keeper.alive and keeper.lease_id is None
+            etcd.restart()
+            assert _wait(lambda: len(reg.granted) == 2, 10)
+            assert keeper.alive and keeper.lease_id == reg.granted[1] != old
+            got = c.get_prefix("/lease/d")[0]
+            assert got[0].lease == reg.granted[1]
+
+
+def test_failing_on_granted_revokes_and_retries(etcd) -> None:
+    with EtcdClient(etcd.endpoints, timeout=3) as c:
+        seen: list[int] = []
+
+        def on_granted(lease_id: int) -> None:
+            seen.append(lease_id)
+            if len(seen) == 1:
+                raise RuntimeError("could not register")
+            c.put("/lease/e", b"up", lease=lease_id)
+
+        with LeaseKeeper(c, 3, on_granted=on_granted) as keeper:
+            assert keeper.wait_alive(5)
+            assert len(seen) == 2 and keeper.lease_id == seen[1] and keeper.grants == 1
+            assert _wait(lambda: _lease_gone(c, seen[0]), 3)  # the failed one was revoked
+
+
+def _lease_gone(c: EtcdClient, lease_id: int) -> bool:
+    try:
+        c.lease_time_to_live(lease_id)
+    except Exception:
+        return True
+    return False
+
+
+def test_close_stops_the_thread(etcd) -> None:
+    before = set(threading.enumerate())
+    with EtcdClient(etcd.endpoints, timeout=3) as c:
+        keeper = LeaseKeeper(c, 2)
+        assert keeper.wait_alive(5)
+        etcd.kill()  # close also while keepalives are failing
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        keeper.close()
+        assert time.monotonic() - t0 < 2.5
+    assert _wait(lambda: set(threading.enumerate()) <= before, 3), [
+        t.name for t in set(threading.enumerate()) - before
+    ]
