@@ -68,10 +68,11 @@ def replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
-def build_attempt(
+def attempt_headers_and_timeouts(
     request: httpx.Request, action: Attempt, extra_headers: list[tuple[bytes, bytes]], now: float
-) -> httpcore.Request:
-    ep = action.endpoint
+) -> tuple[list[tuple[bytes, bytes]], dict[str, float | None] | None]:
+    """The attempt's header list (the request's, the mesh's, the remaining deadline) and
+    its httpx-style timeouts (each phase capped by the per-try timeout)."""
     headers = request.headers.raw + extra_headers
     remaining = action.deadline.remaining(now)
     if remaining is not None:
@@ -83,6 +84,15 @@ def build_attempt(
             timeout = {k: (per_try if v is None or v > per_try else v) for k, v in timeout.items()}
         else:
             timeout = {"connect": per_try, "read": per_try, "write": per_try, "pool": per_try}
+    return headers, timeout
+
+
+def build_attempt(
+    request: httpx.Request, action: Attempt, extra_headers: list[tuple[bytes, bytes]], now: float
+) -> httpcore.Request:
+    """The attempt as an ``httpcore.Request`` to the endpoint (sync transport)."""
+    ep = action.endpoint
+    headers, timeout = attempt_headers_and_timeouts(request, action, extra_headers, now)
     return httpcore.Request(
         method=request.method,
         url=httpcore.URL(scheme=_HTTP, host=ep.address, port=ep.port, target=request.url.raw_path),

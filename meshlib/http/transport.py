@@ -18,17 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import httpcore
 import httpx
-from httpx._transports.default import (
-    AsyncResponseStream,
-    ResponseStream,
-    map_httpcore_exceptions,
-)
+from httpx._transports.default import ResponseStream, map_httpcore_exceptions
 
 from meshlib.core.call import CallObserver, Sleep, run_call
 from meshlib.core.destination import DestinationState
 from meshlib.http.attempt import (
     CALLER_HEADER,
     adiscard,
+    attempt_headers_and_timeouts,
     build_attempt,
     discard,
     finish,
@@ -38,7 +35,7 @@ from meshlib.http.attempt import (
     result_from_response,
 )
 from meshlib.http.errors import NotAMeshServiceError
-from meshlib.http.pool import AsyncEndpointPool
+from meshlib.http.h1 import H1Pool
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -170,7 +167,9 @@ class MeshTransport(httpx.BaseTransport):
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
     """Async transport: ``httpx.AsyncClient(transport=AsyncMeshTransport(mesh))``.
 
-    Connections: per-endpoint stacks of ``httpcore.AsyncHTTPConnection`` (``pool.py``)."""
+    Connections: per-endpoint stacks of lean HTTP/1.1 connections (``h1.py``); httpcore's
+    async pool collapses under concurrency and its connection spends most of its time in
+    anyio and h11 machinery."""
 
     def __init__(
         self,
@@ -182,8 +181,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         observer: CallObserver | None = None,
     ) -> None:
         self._router = _Router(mesh, passthrough)
-        self._pool = AsyncEndpointPool(keepalive_expiry=keepalive_expiry,
-                                       max_idle=max_keepalive_per_endpoint)
+        self._pool = H1Pool(max_idle=max_keepalive_per_endpoint)
         self._fallback: httpx.AsyncBaseTransport | None = None
         self._observer = observer or mesh.call_observer("http")
 
@@ -207,14 +205,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 if pending is not None:
                     await adiscard(pending)
                     pending = None
+                ep = action.endpoint
+                headers, timeouts = attempt_headers_and_timeouts(request, action, extra, now())
                 try:
-                    with map_httpcore_exceptions():
-                        resp = await self._pool.handle(
-                            build_attempt(request, action, extra, now())
-                        )
-                    response = httpx.Response(
-                        status_code=resp.status, headers=resp.headers,
-                        stream=AsyncResponseStream(resp.stream), extensions=resp.extensions,
+                    response = await self._pool.request(
+                        ep.address, ep.port, request.method, request.url.raw_path,
+                        headers, request.stream, timeouts,
                     )
                     result = result_from_response(response)
                     pending = response
