@@ -244,6 +244,21 @@ class Mesh:
             transport=AsyncMeshTransport(self, passthrough=passthrough), **kwargs
         )
 
+    def grpc_channel(self, service: str, **options: Any) -> Any:
+        """A ``grpc.Channel`` to ``service`` through the mesh: ``OrdersStub(mesh.grpc_channel("orders"))``.
+
+        ``options``: see :class:`meshlib.grpc.MeshChannel` (``options=[(arg, value)]`` channel
+        arguments, ``compression``, ``drain_timeout``, ``health_check``, ``observer``)."""
+        from meshlib.grpc import MeshChannel
+
+        return MeshChannel(self, service, **options)
+
+    def aio_grpc_channel(self, service: str, **options: Any) -> Any:
+        """A ``grpc.aio.Channel`` to ``service`` through the mesh (create it on its event loop)."""
+        from meshlib.grpc import AioMeshChannel
+
+        return AioMeshChannel(self, service, **options)
+
     # --- registration ----------------------------------------------------------------------
     def register(
         self,

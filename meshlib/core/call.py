@@ -206,6 +206,9 @@ def run_call(
                                f"{state.attempt} attempt(s)")
             candidates = plan.zones.select(candidates_all, t)
             ep = balancer.pick(candidates, state.tried, hash_key, t)
+            if ep is None and candidates is not candidates_all:
+                # an untried endpoint in another zone beats retrying a failed local one
+                ep = balancer.pick(candidates_all, state.tried, hash_key, t)
             if ep is None and state.tried:
                 ep = balancer.pick(candidates, _EMPTY, hash_key, t)  # reuse beats failing
             if ep is None and candidates is not candidates_all:

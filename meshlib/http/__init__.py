@@ -8,6 +8,7 @@ from meshlib.http.errors import (
     NoEndpointsError,
     NotAMeshServiceError,
     RetryBudgetExhaustedError,
+    UnsupportedSchemeError,
 )
 from meshlib.http.transport import AsyncMeshTransport, MeshTransport
 
@@ -21,4 +22,5 @@ __all__ = [
     "NoEndpointsError",
     "NotAMeshServiceError",
     "RetryBudgetExhaustedError",
+    "UnsupportedSchemeError",
 ]

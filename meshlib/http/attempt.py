@@ -1,9 +1,9 @@
 """What the sync and async httpx transports share: everything but the I/O calls.
 
 The hot path avoids httpx's URL machinery (``url.copy_with`` alone costs ~37 us, see the
-field notes): an attempt is an ``httpcore.Request`` built from the original request's raw
-parts with the endpoint's host and port, handed to meshlib's own connection pool. The
-``Host`` header stays the mesh service name (``Host: orders``), as a sidecar would send it.
+field notes): an attempt sends the original request's raw target and headers to the
+endpoint's address through meshlib's own connections (``connections.py``). The ``Host``
+header stays the mesh service name (``Host: orders``), as a sidecar would send it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextvars
 import time
 from typing import Any
 
-import httpcore
 import httpx
 
 from meshlib.core.call import Attempt, AttemptResult, CallEnd, FailureKind
@@ -37,7 +36,6 @@ current_deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextV
 
 CALLER_HEADER = b"x-mesh-caller"
 _TIMEOUT_HEADER = HTTP_TIMEOUT_HEADER.encode()
-_HTTP = b"http"
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _OUTCOME_BY_STATUS = [classify_http(s, None) for s in range(600)]
 
@@ -85,21 +83,6 @@ def attempt_headers_and_timeouts(
         else:
             timeout = {"connect": per_try, "read": per_try, "write": per_try, "pool": per_try}
     return headers, timeout
-
-
-def build_attempt(
-    request: httpx.Request, action: Attempt, extra_headers: list[tuple[bytes, bytes]], now: float
-) -> httpcore.Request:
-    """The attempt as an ``httpcore.Request`` to the endpoint (sync transport)."""
-    ep = action.endpoint
-    headers, timeout = attempt_headers_and_timeouts(request, action, extra_headers, now)
-    return httpcore.Request(
-        method=request.method,
-        url=httpcore.URL(scheme=_HTTP, host=ep.address, port=ep.port, target=request.url.raw_path),
-        headers=headers,
-        content=request.stream,
-        extensions={"timeout": timeout} if timeout else {},
-    )
 
 
 def result_from_response(resp: httpx.Response) -> AttemptResult:

@@ -55,6 +55,14 @@ class NotAMeshServiceError(MeshHTTPError, httpx.UnsupportedProtocol):
     reason = "not_a_mesh_service"
 
 
+class UnsupportedSchemeError(MeshHTTPError, httpx.UnsupportedProtocol):
+    """A mesh service was addressed with a scheme other than ``http`` (e.g. ``https://orders/``):
+    endpoints are reached over plain HTTP/1.1, so the request is refused rather than sent in
+    clear text."""
+
+    reason = "unsupported_scheme"
+
+
 BY_FAILURE: dict[str, type[MeshHTTPError]] = {
     "no_endpoints": NoEndpointsError,
     "circuit_open": CircuitOpenError,

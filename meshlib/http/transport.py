@@ -16,9 +16,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-import httpcore
 import httpx
-from httpx._transports.default import ResponseStream, map_httpcore_exceptions
 
 from meshlib.core.call import CallObserver, Sleep, run_call
 from meshlib.core.destination import DestinationState
@@ -26,7 +24,6 @@ from meshlib.http.attempt import (
     CALLER_HEADER,
     adiscard,
     attempt_headers_and_timeouts,
-    build_attempt,
     discard,
     finish,
     replayable,
@@ -34,8 +31,8 @@ from meshlib.http.attempt import (
     result_from_error,
     result_from_response,
 )
-from meshlib.http.errors import NotAMeshServiceError
-from meshlib.http.h1 import H1Pool
+from meshlib.http.connections import AsyncPool, SyncPool
+from meshlib.http.errors import NotAMeshServiceError, UnsupportedSchemeError
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -74,7 +71,16 @@ class _Router:
                     service=request.url.host, request=request,
                 )
             return None
-        return dest  # type: ignore[no-any-return]
+        if request.url.raw_scheme != b"http":
+            # mesh endpoints are reached over plain HTTP/1.1: never send an https:// request
+            # in clear text while the caller believes it is encrypted
+            raise UnsupportedSchemeError(
+                f"{request.url.scheme}://{request.url.host}/: mesh service "
+                f"{request.url.host!r} is reached over plain HTTP only (use "
+                f"http://{request.url.host}/...; TLS to mesh endpoints is not supported)",
+                service=request.url.host, request=request,
+            )
+        return dest  # type: ignore[return-value]
 
     def start(self, dest: DestinationState, request: httpx.Request, observer: CallObserver):
         plan = dest.plan()
@@ -95,8 +101,7 @@ class _Router:
 class MeshTransport(httpx.BaseTransport):
     """Sync transport: ``httpx.Client(transport=MeshTransport(mesh))``.
 
-    Connections: one ``httpcore.ConnectionPool`` (its sync pool performs well; the
-    async pool does not, see ``pool.py``)."""
+    Connections: per-endpoint stacks of HTTP/1.1 connections (``connections.py``)."""
 
     def __init__(
         self,
@@ -104,15 +109,10 @@ class MeshTransport(httpx.BaseTransport):
         *,
         passthrough: bool = True,
         max_keepalive_per_endpoint: int = 64,
-        keepalive_expiry: float = 5.0,
         observer: CallObserver | None = None,
     ) -> None:
         self._router = _Router(mesh, passthrough)
-        self._pool = httpcore.ConnectionPool(
-            max_connections=None,
-            max_keepalive_connections=max_keepalive_per_endpoint * 16,
-            keepalive_expiry=keepalive_expiry,
-        )
+        self._pool = SyncPool(max_idle=max_keepalive_per_endpoint)
         self._fallback: httpx.BaseTransport | None = None
         self._observer = observer or mesh.call_observer("http")
 
@@ -136,14 +136,12 @@ class MeshTransport(httpx.BaseTransport):
                 if pending is not None:
                     discard(pending)
                     pending = None
+                ep = action.endpoint
+                headers, timeouts = attempt_headers_and_timeouts(request, action, extra, now())
                 try:
-                    with map_httpcore_exceptions():
-                        resp = self._pool.handle_request(
-                            build_attempt(request, action, extra, now())
-                        )
-                    response = httpx.Response(
-                        status_code=resp.status, headers=resp.headers,
-                        stream=ResponseStream(resp.stream), extensions=resp.extensions,
+                    response = self._pool.request(
+                        ep.address, ep.port, request.method, request.url.raw_path,
+                        headers, request.stream, timeouts,
                     )
                     result = result_from_response(response)
                     pending = response
@@ -167,9 +165,7 @@ class MeshTransport(httpx.BaseTransport):
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
     """Async transport: ``httpx.AsyncClient(transport=AsyncMeshTransport(mesh))``.
 
-    Connections: per-endpoint stacks of lean HTTP/1.1 connections (``h1.py``); httpcore's
-    async pool collapses under concurrency and its connection spends most of its time in
-    anyio and h11 machinery."""
+    Connections: per-endpoint stacks of HTTP/1.1 connections (``connections.py``)."""
 
     def __init__(
         self,
@@ -177,11 +173,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         *,
         passthrough: bool = True,
         max_keepalive_per_endpoint: int = 64,
-        keepalive_expiry: float = 5.0,
         observer: CallObserver | None = None,
     ) -> None:
         self._router = _Router(mesh, passthrough)
-        self._pool = H1Pool(max_idle=max_keepalive_per_endpoint)
+        self._pool = AsyncPool(max_idle=max_keepalive_per_endpoint)
         self._fallback: httpx.AsyncBaseTransport | None = None
         self._observer = observer or mesh.call_observer("http")
 

@@ -1,56 +1,67 @@
 """Every Prometheus series meshlib exports, defined in one place.
 
-Names follow the OpenTelemetry semantic conventions in Prometheus form where a
-convention exists; mesh-specific series use the ``meshlib_`` namespace. The full list,
-with labels and meaning, is in docs/metrics.md. Series are registered once per process
-on prometheus_client's default registry (several ``Mesh`` objects in one process share
+Names, labels and buckets are spelled once, in :mod:`meshlib.telemetry.semconv` (OpenTelemetry
+semantic conventions in Prometheus form where a convention exists; mesh-specific series use the
+``meshlib_`` namespace); this module turns those specs into prometheus_client families. The
+full list, with labels and meaning, is in docs/metrics.md. Series are registered once per
+process on prometheus_client's default registry (several ``Mesh`` objects in one process share
 them), and labelled children are created when a service is first seen, never per call.
+
+* The discovery / control-plane series are module globals, created at import on the default
+  registry (``meshlib.discovery.store`` and ``meshlib.mesh`` use them directly).
+* The call series (durations, retries, breakers, ...) live on a :class:`MeshMetrics`: one set
+  of families bound to one registry. :meth:`MeshMetrics.default` is the process-wide instance
+  on the default registry; tests pass their own ``CollectorRegistry``. Drivers do not touch
+  families: they use the recorders of :mod:`meshlib.telemetry.recorders`.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+from meshlib.telemetry import semconv
+from meshlib.telemetry.semconv import Family
+
+
+def make_family(spec: Family, registry: CollectorRegistry | None = REGISTRY) -> Any:
+    """Create the prometheus_client family for ``spec`` on ``registry``."""
+    labels = list(spec.labels)
+    if spec.kind == "counter":
+        return Counter(spec.name, spec.help, labels, registry=registry)
+    if spec.kind == "gauge":
+        return Gauge(spec.name, spec.help, labels, registry=registry)
+    if spec.kind == "histogram":
+        return Histogram(spec.name, spec.help, labels, registry=registry,
+                         buckets=spec.buckets or Histogram.DEFAULT_BUCKETS)
+    raise ValueError(f"metric family {spec.name!r}: unknown kind {spec.kind!r}")
+
 
 # --- discovery / control plane -------------------------------------------------------
 
-ETCD_CONNECTED = Gauge(
-    "meshlib_etcd_connected",
-    "1 while the discovery watch stream to etcd is healthy, else 0.",
-)
-ETCD_STALENESS = Gauge(
-    "meshlib_etcd_staleness_seconds",
-    "Seconds since the last message from etcd on the discovery watch stream "
-    "(the age of the routing data in force).",
-)
-ENDPOINTS = Gauge(
-    "meshlib_endpoints",
-    "Endpoints known for a destination service in the current snapshot.",
-    ["service"],
-)
-POLICY_REVISION = Gauge(
-    "meshlib_policy_revision",
-    "etcd mod revision of the service policy in force (0 = defaults only).",
-    ["service"],
-)
-POLICY_REJECTIONS = Counter(
-    "meshlib_policy_rejections",
-    "Policies read from etcd and refused as invalid (the last good policy stayed in force).",
-    ["service"],
-)
-RECORD_REJECTIONS = Counter(
-    "meshlib_instance_record_rejections",
-    "Instance records read from etcd and skipped as malformed.",
-    ["service"],
-)
-DISCOVERY_UPDATES = Counter(
-    "meshlib_discovery_updates",
-    "Snapshots swapped in for a destination service (endpoints or policy changed).",
-    ["service"],
-)
+ETCD_CONNECTED: Gauge = make_family(semconv.ETCD_CONNECTED)
+ETCD_STALENESS: Gauge = make_family(semconv.ETCD_STALENESS)
+ENDPOINTS: Gauge = make_family(semconv.ENDPOINTS)
+POLICY_REVISION: Gauge = make_family(semconv.POLICY_REVISION)
+POLICY_REJECTIONS: Counter = make_family(semconv.POLICY_REJECTIONS)
+RECORD_REJECTIONS: Counter = make_family(semconv.RECORD_REJECTIONS)
+DISCOVERY_UPDATES: Counter = make_family(semconv.DISCOVERY_UPDATES)
+
+_DISCOVERY_GLOBALS: dict[str, MetricWrapperBase] = {
+    semconv.ETCD_CONNECTED.name: ETCD_CONNECTED,
+    semconv.ETCD_STALENESS.name: ETCD_STALENESS,
+    semconv.ENDPOINTS.name: ENDPOINTS,
+    semconv.POLICY_REVISION.name: POLICY_REVISION,
+    semconv.POLICY_REJECTIONS.name: POLICY_REJECTIONS,
+    semconv.RECORD_REJECTIONS.name: RECORD_REJECTIONS,
+    semconv.DISCOVERY_UPDATES.name: DISCOVERY_UPDATES,
+}
 
 # Staleness is computed at scrape time from the live discovery loops of this process.
 _staleness_sources: weakref.WeakSet[object] = weakref.WeakSet()
@@ -85,3 +96,54 @@ def cached_children(metric: Gauge | Counter) -> Callable[[str], object]:
         return child
 
     return get
+
+
+# --- call series -------------------------------------------------------------------------
+
+
+class MeshMetrics:
+    """Every meshlib family, bound to one registry.
+
+    ``MeshMetrics()`` / :meth:`default` use the process default registry (the discovery
+    series are the module globals above; the call series are registered on first use, once
+    per process). ``MeshMetrics(CollectorRegistry())`` builds a private copy of every family,
+    for tests and for embedding several isolated meshes in one process.
+    """
+
+    _default: MeshMetrics | None = None
+    _default_lock = threading.Lock()
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = REGISTRY if registry is None else registry
+        if self.registry is REGISTRY and MeshMetrics._default is not None:
+            raise ValueError(
+                "meshlib call series are already registered on the default registry: "
+                "use MeshMetrics.default(), or pass a fresh CollectorRegistry"
+            )
+        self.families: dict[str, Any] = {}
+        for spec in semconv.DISCOVERY_FAMILIES:
+            if self.registry is REGISTRY:
+                self.families[spec.name] = _DISCOVERY_GLOBALS[spec.name]
+            else:
+                self.families[spec.name] = make_family(spec, self.registry)
+        if self.registry is not REGISTRY:
+            self.families[semconv.ETCD_STALENESS.name].set_function(_staleness)
+        for spec in semconv.CALL_FAMILIES:
+            self.families[spec.name] = make_family(spec, self.registry)
+        #: Recorder cache used by meshlib.telemetry.recorders: (kind, key) -> recorder.
+        self.recorders: dict[tuple[str, str], Any] = {}
+        self.recorders_lock = threading.RLock()
+
+    def family(self, spec: Family) -> Any:
+        return self.families[spec.name]
+
+    @classmethod
+    def default(cls) -> MeshMetrics:
+        """The process-wide instance on prometheus_client's default registry."""
+        inst = cls._default
+        if inst is None:
+            with cls._default_lock:
+                inst = cls._default
+                if inst is None:
+                    inst = cls._default = cls(None)
+        return inst

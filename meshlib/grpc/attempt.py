@@ -1,0 +1,165 @@
+"""What the sync and asyncio gRPC channels share: everything but the I/O calls.
+
+The call plan (``meshlib.core.call.run_call``, ``grpc=True``) decides; this module turns a
+call's arguments into the plan's inputs and an attempt's end into an ``AttemptResult``:
+
+* Routing: gRPC is HTTP/2 ``POST /package.Service/Method`` (gRPC over HTTP/2 spec), so
+  routes see ``path`` = the full method name (``match.path_prefix: /pkg.Orders/`` works) and
+  ``match.headers`` look at the call's metadata.
+* Deadline: the call's ``timeout`` (or the deadline inherited from the request being served,
+  ``meshlib.http.attempt.current_deadline``) combined with ``policy.timeout``; the earlier wins
+  and bounds every attempt, which grpcio sends as ``grpc-timeout``.
+* Retry eligibility (gRPC A6 "Retry Policy", "When Retries are Valid"): an attempt whose
+  server already sent response headers is *committed* and never retried. grpcio does not say
+  whether headers arrived, only which metadata they carried, so an error with non-empty
+  initial metadata, or a stream that delivered a message, counts as committed. A committed
+  result is reported to the plan with ``grpc_code=None`` (so ``grpc_retry_on`` cannot select
+  it) while its outcome still counts for breakers and outlier detection.
+* Server pushback: ``grpc-retry-pushback-ms`` trailing metadata (A6) replaces the backoff.
+* Retries carry ``grpc-previous-rpc-attempts`` (A6 "Retry metadata").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from meshlib.core.call import AttemptResult, CallEnd, CallGen, CallObserver, FailureKind, run_call
+from meshlib.core.deadline import Deadline
+from meshlib.core.destination import DestinationState
+from meshlib.core.outcome import GRPC_TO_HTTP, Outcome, classify_grpc
+from meshlib.core.retry import PUSHBACK_HEADER, parse_pushback_ms
+from meshlib.grpc.errors import code_from_name, mesh_error
+from meshlib.http.attempt import current_deadline
+
+CALLER_KEY = "x-mesh-caller"
+PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
+
+_SUCCESS = Outcome.SUCCESS
+#: grpc.StatusCode -> (canonical name, outcome, HTTP status): one dict lookup per result.
+_INFO: dict[grpc.StatusCode, tuple[str, Outcome, int]] = {
+    c: (c.name, classify_grpc(c.name), GRPC_TO_HTTP.get(c.name, 500)) for c in grpc.StatusCode
+}
+_UNKNOWN = _INFO[grpc.StatusCode.UNKNOWN]
+
+
+def ok_result(value: Any) -> AttemptResult:
+    return AttemptResult(_SUCCESS, 200, value, grpc_code="OK")
+
+
+#: The result of every successful unary attempt. Shared and never mutated: the drivers keep
+#: the response in a local variable, which saves an allocation per call on the hot path.
+OK_RESULT = AttemptResult(_SUCCESS, 200, None, grpc_code="OK")
+
+
+def result_from_error(err: Any, committed: bool | None = None) -> AttemptResult:
+    """``AttemptResult`` of an attempt that ended in ``err`` (an ``RpcError`` that is also a
+    ``grpc.Call``, sync or aio). ``committed`` None: decided from the initial metadata."""
+    code = err.code()
+    name, outcome, status = _INFO.get(code, _UNKNOWN)
+    if committed is None:
+        committed = bool(err.initial_metadata())
+    if committed:
+        return AttemptResult(outcome, status, err)
+    pushback = None
+    if outcome is not _SUCCESS:
+        trailing = err.trailing_metadata()
+        if trailing:
+            for k, v in trailing:
+                if k == PUSHBACK_HEADER:
+                    pushback = parse_pushback_ms(v if isinstance(v, str) else None)
+                    break
+    return AttemptResult(outcome, status, err, pushback_s=pushback, grpc_code=name)
+
+
+def result_from_code(code: grpc.StatusCode | None, value: Any) -> AttemptResult:
+    """Final result of a committed stream (never retried)."""
+    if code is None:
+        code = grpc.StatusCode.UNKNOWN
+    name, outcome, status = _INFO.get(code, _UNKNOWN)
+    return AttemptResult(outcome, status, value, grpc_code=name if outcome is _SUCCESS else None)
+
+
+def metadata_lookup(md: Sequence[tuple[str, Any]]) -> Callable[[str], str | None]:
+    def get(name: str) -> str | None:
+        for k, v in md:
+            if k == name:
+                return v if isinstance(v, str) else None
+        return None
+
+    return get
+
+
+def start_call(
+    dest: DestinationState,
+    method: str,
+    metadata: Any,
+    timeout: float | None,
+    replayable: bool,
+    observer: CallObserver,
+) -> CallGen:
+    """The plan generator of one logical call."""
+    plan = dest.plan()
+    deadline = None
+    if timeout is not None:
+        deadline = Deadline(dest.now() + timeout)
+    inherited = current_deadline.get()
+    if inherited is not None:
+        deadline = inherited if deadline is None else deadline.earliest(inherited)
+    header = None
+    if metadata and (plan.has_header_routes or plan.hash_source is not None):
+        header = metadata_lookup(metadata)
+    return run_call(
+        dest, plan, method="POST", path=method if plan.has_header_routes else "/",
+        header=header, replayable=replayable, deadline=deadline, grpc=True, observer=observer,
+    )
+
+
+def base_metadata(metadata: Any, extra: tuple[tuple[str, str], ...]) -> Any:
+    """The metadata of a first attempt: the caller's plus meshlib's (caller identity)."""
+    if not extra:
+        return metadata
+    if not metadata:
+        return extra
+    return (*metadata, *extra)
+
+
+def retry_metadata(md: Any, number: int) -> Any:
+    """Metadata of attempt ``number`` (> 1): adds ``grpc-previous-rpc-attempts``."""
+    prev = ((PREVIOUS_ATTEMPTS_KEY, str(number - 1)),)
+    return (*md, *prev) if md else prev
+
+
+def end_error(end: CallEnd, service: str, *, aio: bool) -> BaseException | None:
+    """The exception a finished call raises, or None when its last result is a response."""
+    if end.failure is not None:
+        if end.failure == FailureKind.FAULT_ABORT:
+            code = code_from_name(str(end.status or "unavailable"))
+            return mesh_error(FailureKind.FAULT_ABORT, end.message, service, aio=aio, code=code)
+        exc = mesh_error(end.failure, end.message, service, aio=aio)
+        cause = end.result.value if end.result is not None else None
+        if isinstance(cause, BaseException):
+            exc.__cause__ = cause
+        return exc
+    result = end.result
+    assert result is not None
+    value: Any = result.value
+    if not isinstance(value, BaseException):
+        return None
+    if end.stopped == "budget_exhausted" and hasattr(value, "code"):
+        code = value.code()
+        exc = mesh_error(
+            "retry_budget_exhausted",
+            f"service {service!r}: {code.name} ({value.details()}) and the retry budget is "
+            f"exhausted ({end.attempts} attempt(s))",
+            service, aio=aio, code=code,
+            initial_metadata=value.initial_metadata(),
+            trailing_metadata=value.trailing_metadata(),
+        )
+        exc.__cause__ = value
+        return exc
+    if end.attempts > 1:
+        value.add_note(f"meshlib: service {service!r}, {end.attempts} attempt(s)")
+    return value

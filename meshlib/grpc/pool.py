@@ -1,0 +1,163 @@
+"""One gRPC channel per endpoint, created on first use and closed when the endpoint leaves.
+
+gRPC interceptors cannot change a call's target channel, so client-side balancing over
+discovered endpoints needs one channel per endpoint and a pick before the call (as gRPC's
+own ``pick_first`` subchannels, or Finagle's per-endpoint services). Each channel is a plain
+``grpc.insecure_channel`` / ``grpc.aio.insecure_channel`` to ``host:port`` with grpcio's own
+retries disabled (``grpc.enable_retries`` 0): the mesh retries, and two retry layers would
+multiply attempts (field notes).
+
+Lifecycle: channels are created lazily by the call path (an aio channel must be created on
+its event loop) and retired from the discovery watch thread (``Mesh.add_listener``) when their
+endpoint leaves the snapshot. A retired channel is closed after ``drain_timeout`` seconds so
+calls in flight on it can finish (sync grpcio has no graceful close; ``grpc.aio``'s
+``close(grace)`` waits for them). Every retirement bumps ``generation``, which tells the
+multicallables to drop their cached per-endpoint callables (one integer compare per call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from meshlib.core.endpoints import Endpoint, ServiceSnapshot
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+log = logging.getLogger("meshlib.grpc")
+
+NO_RETRIES: tuple[str, int] = ("grpc.enable_retries", 0)
+
+
+def channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    """User channel arguments with grpcio's retries forced off."""
+    opts = [o for o in (options or ()) if o[0] != NO_RETRIES[0]]
+    opts.append(NO_RETRIES)
+    return opts
+
+
+class ChannelPool:
+    """Per-endpoint channels of one destination service (``aio`` selects grpc.aio)."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        service: str,
+        *,
+        options: Sequence[tuple[str, Any]] | None = None,
+        compression: grpc.Compression | None = None,
+        aio: bool = False,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.service = service
+        self.aio = aio
+        self.drain_timeout = drain_timeout
+        self._options = channel_options(options)
+        self._compression = compression
+        self._channels: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._retiring: dict[threading.Timer, Any] = {}
+        self.generation = 0
+        self.opened = 0
+        self._remove_listener: Callable[[], None] | None = mesh.add_listener(self._on_snapshot)
+
+    # --- call path --------------------------------------------------------------------
+    def channel(self, ep: Endpoint) -> Any:
+        """The endpoint's channel (created on first use)."""
+        ch = self._channels.get(ep.key)
+        if ch is not None:
+            return ch
+        with self._lock:
+            ch = self._channels.get(ep.key)
+            if ch is None:
+                if self._closed:
+                    raise RuntimeError(f"gRPC channel to service {self.service!r} is closed")
+                if self.aio:
+                    self._loop = asyncio.get_running_loop()
+                    ch = grpc.aio.insecure_channel(ep.authority, options=self._options,
+                                                   compression=self._compression)
+                else:
+                    ch = grpc.insecure_channel(ep.authority, options=self._options,
+                                               compression=self._compression)
+                self._channels[ep.key] = ch
+                self.opened += 1
+        return ch
+
+    def keys(self) -> list[str]:
+        return list(self._channels)
+
+    # --- discovery (watch thread) -----------------------------------------------------
+    def _on_snapshot(self, service: str, snap: ServiceSnapshot) -> None:
+        if service != self.service:
+            return
+        self.retain({e.key for e in snap.endpoints})
+
+    def retain(self, alive: set[str]) -> None:
+        """Retire the channels of endpoints not in ``alive``."""
+        with self._lock:
+            gone = [(k, ch) for k, ch in self._channels.items() if k not in alive]
+            for k, _ in gone:
+                del self._channels[k]
+            if gone:
+                self.generation += 1
+        for key, ch in gone:
+            log.debug("service %r: endpoint %s left; closing its channel in %.1fs",
+                      self.service, key, self.drain_timeout)
+            self._close_later(ch)
+
+    def _close_later(self, ch: Any) -> None:
+        if self.aio:
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                return
+            grace = self.drain_timeout
+            with contextlib.suppress(RuntimeError):  # loop already stopped
+                loop.call_soon_threadsafe(lambda: loop.create_task(ch.close(grace)))
+            return
+        timer = threading.Timer(self.drain_timeout, self._close_now, (ch,))
+        timer.daemon = True
+        with self._lock:
+            self._retiring[timer] = ch
+        timer.start()
+
+    def _close_now(self, ch: Any) -> None:
+        with self._lock:
+            self._retiring = {t: c for t, c in self._retiring.items() if c is not ch}
+        ch.close()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def _take_all(self) -> list[Any]:
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
+        with self._lock:
+            self._closed = True
+            chans = list(self._channels.values())
+            self._channels.clear()
+            self.generation += 1
+        return chans
+
+    def close(self) -> None:
+        """Close every channel now (sync pool)."""
+        with self._lock:
+            retiring, self._retiring = self._retiring, {}
+        for t, ch in retiring.items():
+            t.cancel()
+            ch.close()
+        for ch in self._take_all():
+            ch.close()
+
+    async def aclose(self, grace: float | None = None) -> None:
+        """Close every channel (aio pool), letting calls finish for ``grace`` seconds."""
+        for ch in self._take_all():
+            await ch.close(grace)
