@@ -224,9 +224,16 @@ class Mesh:
                     self._destinations[service] = dest
         return dest
 
-    def call_observer(self, kind: str) -> CallObserver:
-        """Telemetry hooks for the call plan of ``kind`` ("http" or "grpc")."""
-        return NULL_OBSERVER
+    def call_observer(self, kind: str, service: str | None = None) -> CallObserver:
+        """The telemetry recorder of calls of ``kind`` ("http" or "grpc") to ``service``;
+        it is also the call plan's observer (retries, refusals, breaker and ejection events)."""
+        if service is None:
+            return NULL_OBSERVER
+        from meshlib.telemetry.recorders import HttpClientRecorder, RpcClientRecorder
+
+        if kind == "grpc":
+            return RpcClientRecorder.for_service(service)  # type: ignore[return-value]
+        return HttpClientRecorder.for_service(service)  # type: ignore[return-value]
 
     def http_client(self, *, passthrough: bool = True, **kwargs: Any) -> httpx.Client:
         """An ``httpx.Client`` whose transport is the mesh: ``client.get("http://orders/x")``."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
+from time import perf_counter
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from meshlib.core.outcome import (
 )
 from meshlib.core.retry import parse_retry_after
 from meshlib.http.errors import BY_FAILURE, RetryBudgetExhaustedError
+from meshlib.telemetry.recorders import error_type_of
 
 #: The deadline of the request being served, set by meshlib's server middleware; outgoing
 #: calls made while serving it inherit it (the earlier of it and the policy timeout wins).
@@ -98,7 +100,40 @@ def result_from_error(exc: httpx.HTTPError) -> AttemptResult:
     return AttemptResult(classify_http(None, error_kind(exc)), None, exc)
 
 
-def finish(request: httpx.Request, service: str, end: CallEnd) -> httpx.Response:
+def record_attempt(recorder: Any, span: Any, number: int, result: AttemptResult,
+                   seconds: float) -> None:
+    """Per-attempt series and the attempt's span."""
+    recorder.attempt(number, result.outcome, seconds)
+    status = result.status
+    span.end(status, None if status is not None else error_type_of(result.value))
+
+
+def finish(request: httpx.Request, route: Any, end: CallEnd, span: Any,
+           started: float) -> httpx.Response:
+    """Record the logical request, then return its response or raise its error."""
+    recorder = route.recorder
+    try:
+        response = _outcome(request, route.service, end)
+    except httpx.HTTPError as exc:
+        failure = end.failure
+        if failure in _NO_USABLE_ENDPOINT:
+            recorder.no_endpoints()
+        elif failure == FailureKind.CONCURRENCY:
+            recorder.concurrency_rejected()
+        etype = getattr(exc, "reason", None) or error_type_of(exc)
+        recorder.request(request.method, None, etype, perf_counter() - started)
+        span.end(None, etype)
+        raise
+    status = response.status_code
+    recorder.request(request.method, status, None, perf_counter() - started)
+    span.end(status, None)
+    return response
+
+
+_NO_USABLE_ENDPOINT = frozenset({FailureKind.NO_ENDPOINTS, FailureKind.CIRCUIT_OPEN})
+
+
+def _outcome(request: httpx.Request, service: str, end: CallEnd) -> httpx.Response:
     """Turn the call's end into the response to return or the exception to raise."""
     if end.failure is not None:
         if end.failure == FailureKind.FAULT_ABORT:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from meshlib.core.call import CallObserver, Sleep, run_call
+from meshlib.core.call import CallGen, Sleep, run_call
 from meshlib.core.destination import DestinationState
 from meshlib.http.attempt import (
     CALLER_HEADER,
@@ -26,6 +27,7 @@ from meshlib.http.attempt import (
     attempt_headers_and_timeouts,
     discard,
     finish,
+    record_attempt,
     replayable,
     request_deadline,
     result_from_error,
@@ -33,6 +35,8 @@ from meshlib.http.attempt import (
 )
 from meshlib.http.connections import AsyncPool, SyncPool
 from meshlib.http.errors import NotAMeshServiceError, UnsupportedSchemeError
+from meshlib.telemetry.recorders import HttpClientRecorder
+from meshlib.telemetry.tracing import start_http_call
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -44,8 +48,19 @@ def _is_mesh_host(host: str) -> bool:
     return bool(host) and "." not in host and ":" not in host and host != "localhost"
 
 
+class _Route:
+    """What a mesh host resolves to: its call state and its telemetry recorder."""
+
+    __slots__ = ("dest", "recorder", "service")
+
+    def __init__(self, dest: DestinationState, recorder: HttpClientRecorder) -> None:
+        self.dest = dest
+        self.recorder = recorder
+        self.service = dest.service
+
+
 class _Router:
-    """Host -> DestinationState (cached per host: one dict lookup per call)."""
+    """Host -> _Route (cached per host: one dict lookup per call)."""
 
     def __init__(self, mesh: Mesh, passthrough: bool) -> None:
         self.mesh = mesh
@@ -56,12 +71,15 @@ class _Router:
             [(CALLER_HEADER, caller.encode())] if caller else []
         )
 
-    def destination(self, request: httpx.Request) -> DestinationState | None:
+    def route(self, request: httpx.Request) -> _Route | None:
         raw = request.url.raw_host
         dest = self._by_host.get(raw)
         if dest is None:
             host = raw.decode("ascii", "replace").lower()
-            dest = self.mesh.destination(host) if _is_mesh_host(host) else _NOT_MESH
+            if _is_mesh_host(host):
+                dest = _Route(self.mesh.destination(host), self.mesh.call_observer("http", host))
+            else:
+                dest = _NOT_MESH
             self._by_host[raw] = dest
         if dest is _NOT_MESH:
             if not self.passthrough:
@@ -82,7 +100,8 @@ class _Router:
             )
         return dest  # type: ignore[return-value]
 
-    def start(self, dest: DestinationState, request: httpx.Request, observer: CallObserver):
+    def start(self, route: _Route, request: httpx.Request) -> CallGen:
+        dest = route.dest
         plan = dest.plan()
         headers = request.headers
         return run_call(
@@ -94,7 +113,7 @@ class _Router:
             has_idempotency_key=lambda: "idempotency-key" in headers,
             replayable=replayable(request),
             deadline=request_deadline(request, dest.now()),
-            observer=observer,
+            observer=route.recorder,
         )
 
 
@@ -109,22 +128,22 @@ class MeshTransport(httpx.BaseTransport):
         *,
         passthrough: bool = True,
         max_keepalive_per_endpoint: int = 64,
-        observer: CallObserver | None = None,
     ) -> None:
         self._router = _Router(mesh, passthrough)
         self._pool = SyncPool(max_idle=max_keepalive_per_endpoint)
         self._fallback: httpx.BaseTransport | None = None
-        self._observer = observer or mesh.call_observer("http")
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        dest = self._router.destination(request)
-        if dest is None:
+        route = self._router.route(request)
+        if route is None:
             if self._fallback is None:
                 self._fallback = httpx.HTTPTransport()
             return self._fallback.handle_request(request)
-        gen = self._router.start(dest, request, self._observer)
+        started = perf_counter()
+        span = start_http_call(route.service, request.method)
+        gen = self._router.start(route, request)
         extra = self._router.extra_headers
-        now = dest.now
+        now = route.dest.now
         pending: Any = None
         try:
             action = next(gen)
@@ -138,6 +157,9 @@ class MeshTransport(httpx.BaseTransport):
                     pending = None
                 ep = action.endpoint
                 headers, timeouts = attempt_headers_and_timeouts(request, action, extra, now())
+                aspan = span.attempt(action.number, ep.address, ep.port)
+                aspan.inject(headers, True)
+                t0 = perf_counter()
                 try:
                     response = self._pool.request(
                         ep.address, ep.port, request.method, request.url.raw_path,
@@ -147,9 +169,10 @@ class MeshTransport(httpx.BaseTransport):
                     pending = response
                 except httpx.TransportError as exc:
                     result = result_from_error(exc)
+                record_attempt(route.recorder, aspan, action.number, result, perf_counter() - t0)
                 action = gen.send(result)
         except StopIteration as stop:
-            return finish(request, dest.service, stop.value)
+            return finish(request, route, stop.value, span, started)
         except BaseException:
             gen.close()  # frees the concurrency slot, the load count and any breaker trial
             if pending is not None:
@@ -173,22 +196,22 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         *,
         passthrough: bool = True,
         max_keepalive_per_endpoint: int = 64,
-        observer: CallObserver | None = None,
     ) -> None:
         self._router = _Router(mesh, passthrough)
         self._pool = AsyncPool(max_idle=max_keepalive_per_endpoint)
         self._fallback: httpx.AsyncBaseTransport | None = None
-        self._observer = observer or mesh.call_observer("http")
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        dest = self._router.destination(request)
-        if dest is None:
+        route = self._router.route(request)
+        if route is None:
             if self._fallback is None:
                 self._fallback = httpx.AsyncHTTPTransport()
             return await self._fallback.handle_async_request(request)
-        gen = self._router.start(dest, request, self._observer)
+        started = perf_counter()
+        span = start_http_call(route.service, request.method)
+        gen = self._router.start(route, request)
         extra = self._router.extra_headers
-        now = dest.now
+        now = route.dest.now
         pending: Any = None
         try:
             action = next(gen)
@@ -202,6 +225,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     pending = None
                 ep = action.endpoint
                 headers, timeouts = attempt_headers_and_timeouts(request, action, extra, now())
+                aspan = span.attempt(action.number, ep.address, ep.port)
+                aspan.inject(headers, True)
+                t0 = perf_counter()
                 try:
                     response = await self._pool.request(
                         ep.address, ep.port, request.method, request.url.raw_path,
@@ -211,9 +237,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     pending = response
                 except httpx.TransportError as exc:
                     result = result_from_error(exc)
+                record_attempt(route.recorder, aspan, action.number, result, perf_counter() - t0)
                 action = gen.send(result)
         except StopIteration as stop:
-            return finish(request, dest.service, stop.value)
+            return finish(request, route, stop.value, span, started)
         except BaseException:
             gen.close()  # frees the concurrency slot, the load count and any breaker trial
             if pending is not None:
