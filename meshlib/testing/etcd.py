@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -151,8 +150,6 @@ _registry_lock = threading.RLock()  # re-entrant: the signal handler runs on the
 _children: dict[int, subprocess.Popen[bytes]] = {}
 _temp_dirs: set[str] = set()
 _previous_handlers: dict[int, Any] = {}
-_prctl: Callable[..., int] | None = None
-_PR_SET_PDEATHSIG = 1
 
 
 def live_children() -> list[int]:
@@ -216,37 +213,20 @@ def _install_handlers() -> None:
         signal.signal(sig, _on_signal)
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the kernel SIGKILL the child when this thread dies (Linux)."""
-    global _prctl
+def _pdeathsig_prefix() -> list[str]:
+    """An argv prefix that makes the kernel SIGKILL the child when this thread dies (Linux).
+
+    ``setpriv --pdeathsig KILL`` (util-linux) sets PR_SET_PDEATHSIG and execs the command in
+    the same process. It replaces a ``preexec_fn``: a Python callback between fork and exec
+    forces a plain fork(), and grpcio's fork handlers in a process with live gRPC threads then
+    abort the child ("epoll_wait error: Bad file descriptor", exit -6) before etcd starts.
+    """
     if not sys.platform.startswith("linux"):
-        return None
+        return []
     if threading.current_thread() is not threading.main_thread():
-        return None  # PDEATHSIG follows the forking thread: a worker thread's exit would kill etcd
-    if _prctl is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.prctl
-            fn.argtypes = [
-                ctypes.c_int,
-                ctypes.c_ulong,
-                ctypes.c_ulong,
-                ctypes.c_ulong,
-                ctypes.c_ulong,
-            ]
-            fn.restype = ctypes.c_int
-            _prctl = fn
-        except (OSError, AttributeError):
-            return None
-    prctl = _prctl
-    parent = os.getpid()
-
-    def preexec() -> None:  # runs in the child between fork and exec: no locks, no imports
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+        return []  # PDEATHSIG follows the forking thread: a worker thread's exit would kill etcd
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -254,13 +234,12 @@ def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            argv,
+            _pdeathsig_prefix() + argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_pdeathsig_preexec(),
         )
     with _registry_lock:
         _children[proc.pid] = proc
