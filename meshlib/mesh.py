@@ -76,6 +76,7 @@ class Mesh:
         etcd_timeout: float = 5.0,
         progress_interval: float = 1.0,
         handle_sigterm: bool = True,
+        breaker_listeners: Sequence[Any] = (),
     ) -> None:
         self.endpoints = resolve_endpoints(etcd)
         self.layout = KeyLayout(prefix or os.environ.get(ENV_PREFIX, DEFAULT_PREFIX))
@@ -91,6 +92,7 @@ class Mesh:
         self._watch_lock = threading.Lock()
         self._registrations: list[Registration] = []
         self._destinations: dict[str, DestinationState] = {}
+        self.breaker_listeners = list(breaker_listeners)
         self._closed = False
         self._default_watch = self._watcher.watch_prefix(
             self.layout.default_policy_key, self._on_default_reset, self._on_default_events
@@ -221,8 +223,14 @@ class Mesh:
                     dest = DestinationState(
                         service, functools.partial(self.snapshot, service), zone=self.zone
                     )
+                    dest.breaker_listeners = self.breaker_listeners
                     self._destinations[service] = dest
         return dest
+
+    def breakers(self, service: str) -> dict[str, Any]:
+        """``pybreaker.CircuitBreaker`` mirrors of the endpoints of ``service`` whose breaker
+        changed state so far, by endpoint key (only with ``Mesh(breaker_listeners=[...])``)."""
+        return dict(self.destination(service).breakers)
 
     def call_observer(self, kind: str, service: str | None = None) -> CallObserver:
         """The telemetry recorder of calls of ``kind`` ("http" or "grpc") to ``service``;

@@ -242,6 +242,7 @@ def run_call(
             events = health.record(ep, outcome, admission, t)
             if events:
                 observer.health(events)
+                dest.on_health(events)
             d = plan.retry.decide(state, outcome, result.status, result.retry_after_s, t,
                                   grpc_code=result.grpc_code, pushback_s=result.pushback_s)
             if d is FINISH:

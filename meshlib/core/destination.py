@@ -20,9 +20,32 @@ from typing import Any
 from meshlib.core.balancer import Balancer, LoadStats, ZoneFilter, hash_key_source, make_balancer
 from meshlib.core.budget import RetryBudget
 from meshlib.core.endpoints import ServiceSnapshot
-from meshlib.core.health import HealthRegistry
+from meshlib.core.health import (
+    EventKind,
+    HealthEvent,
+    HealthRegistry,
+    pybreaker_mirror,
+)
 from meshlib.core.retry import RetryPolicy
 from meshlib.core.routing import FaultInjector, Router
+
+_BREAKER_EVENTS = {
+    EventKind.BREAKER_OPENED: "open",
+    EventKind.BREAKER_HALF_OPEN: "half-open",
+    EventKind.BREAKER_CLOSED: "closed",
+}
+
+
+class _StateName:
+    """What pybreaker listeners read of a state: its ``name`` (pybreaker's state names)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
 
 
 class Plan:
@@ -90,6 +113,34 @@ class DestinationState:
         self._plan: Plan | None = None
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        #: pybreaker listeners told of every breaker transition (``Mesh(breaker_listeners=)``)
+        self.breaker_listeners: list[Any] = []
+        self.breakers: dict[str, Any] = {}
+        self._breaker_states: dict[str, str] = {}
+
+    def on_health(self, events: tuple[HealthEvent, ...]) -> None:
+        """Tell pybreaker listeners of breaker transitions (``Mesh(breaker_listeners=)``).
+
+        Each endpoint gets a ``pybreaker.CircuitBreaker`` mirror whose storage reads our
+        state (:func:`meshlib.core.health.pybreaker_mirror`); every transition event is
+        passed to each listener's ``state_change(breaker, old, new)`` in order, so a
+        half-open trial that closes the breaker is heard as two transitions. Rare
+        (transitions only) and skipped without listeners."""
+        if not self.breaker_listeners:
+            return
+        for ev in events:
+            new = _BREAKER_EVENTS.get(ev.kind)
+            if new is None:
+                continue
+            pb = self.breakers.get(ev.key)
+            if pb is None:
+                pb = self.breakers[ev.key] = pybreaker_mirror(
+                    self.health, ev.key, name=f"{self.service} {ev.key}"
+                )
+            old = self._breaker_states.get(ev.key, "closed")
+            self._breaker_states[ev.key] = new
+            for listener in self.breaker_listeners:
+                listener.state_change(pb, _StateName(old), _StateName(new))
 
     def budget_for(self, cfg: Any) -> RetryBudget:
         """The destination's retry budget, kept across policy changes unless its settings change."""
