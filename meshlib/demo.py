@@ -1,10 +1,20 @@
-"""The README's demo: services finding each other through a real etcd.
+"""The README's demo: services finding each other through a real etcd, called through the mesh.
 
 Starts a throwaway etcd, a few instances of a small HTTP service that register
-themselves, and a client that calls them through discovery. It shows instances
-appearing and disappearing as they start and stop, and a policy changed live (and a bad
-one refused). Runs a scripted scenario of about 20 seconds; ``--forever`` keeps the
-traffic going until Ctrl-C. Ctrl-C at any time stops everything and leaves no process.
+themselves, and a client that calls ``http://hello/hello`` through ``mesh.http_client()``
+(about 100 calls a second, summarised once a second). In a scripted run of about 30
+seconds it shows:
+
+* instances appearing and disappearing as they start and stop (SIGTERM deregisters);
+* a policy changed live through etcd, and a bad one refused (the last good one stays);
+* an instance SIGKILLed in the middle of the traffic: its record stays in etcd until its
+  lease expires, and the mesh's retries send its calls elsewhere: zero failed calls;
+* a 90/10 canary split pushed through etcd: the per-version counts shift at once;
+* a misbehaving instance (answers 503): its calls are retried elsewhere, it is ejected
+  (outlier detection), and it is taken back after its ejection time once it is healthy.
+
+``--forever`` keeps the traffic going until Ctrl-C. Ctrl-C at any time stops everything and
+leaves no process.
 
     python -m meshlib.demo
 """
@@ -12,7 +22,7 @@ traffic going until Ctrl-C. Ctrl-C at any time stops everything and leaves no pr
 from __future__ import annotations
 
 import argparse
-import itertools
+import collections
 import json
 import logging
 import os
@@ -22,29 +32,52 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
 
 SERVICE = "hello"
+URL = f"http://{SERVICE}/hello"
 
 
 # --- one instance of the demo service (runs in a child process) ---------------------------
 def run_instance(etcd: str, name: str, version: str) -> None:
     from meshlib import Mesh
 
+    state = {"mode": "ok"}
+
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
-            body = json.dumps({"instance": name, "version": version, "path": self.path}).encode()
-            self.send_response(200)
+        protocol_version = "HTTP/1.1"  # keep-alive, as mesh clients expect
+        disable_nagle_algorithm = True
+
+        def _send(self, status: int, body: bytes) -> None:
+            # head and body in one write (as real servers do): no delayed-ACK stall between
+            # them, and a SIGKILL never cuts a response between its head and its body
+            self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            head: list[bytes] = self.__dict__["_headers_buffer"]
+            head.append(b"\r\n")
+            self.wfile.write(b"".join(head) + body)
+            head.clear()
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            if state["mode"] == "503":
+                self._send(503, json.dumps({"instance": name, "error": "misbehaving"}).encode())
+                return
+            body = json.dumps({"instance": name, "version": version, "path": self.path})
+            self._send(200, body.encode())
+
+        def do_POST(self) -> None:  # noqa: N802  POST /admin/mode/<ok|503>: demo control
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            state["mode"] = self.path.rsplit("/", 1)[-1]
+            self._send(200, json.dumps(state).encode())
 
         def log_message(self, *args: object) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     port = server.server_address[1]
     mesh = Mesh(etcd)
     mesh.register(SERVICE, port, labels={"version": version}, instance_id=name, ttl=5)
@@ -66,11 +99,73 @@ def _say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+#: The operator's policy: fast retries, outlier ejection that also works for a handful of
+#: instances (the default max_ejection_percent of 10 never ejects in a service this small).
+POLICY: dict[str, Any] = {
+    "timeout": "2s",
+    "load_balancer": {"policy": "round_robin"},
+    "retries": {"attempts": 3, "backoff": {"base": "5ms", "max": "50ms"}},
+    "outlier_detection": {"consecutive_gateway_failure": 3, "base_ejection_time": "3s",
+                          "interval": "3s", "max_ejection_percent": 50},
+}
+CANARY: dict[str, Any] = {
+    **POLICY,
+    "subsets": {"stable": {"labels": {"version": "v1"}}, "canary": {"labels": {"version": "v2"}}},
+    "routes": [{"name": "canary-10-percent", "split": [{"subset": "stable", "weight": 90},
+                                                        {"subset": "canary", "weight": 10}]}],
+}
+
+
+class Traffic:
+    """Calls ``http://hello/hello`` through ``mesh.http_client()`` and counts the answers."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_instance: collections.Counter[str] = collections.Counter()
+        self.by_version: collections.Counter[str] = collections.Counter()
+        self.calls = 0
+        self.failed = 0
+        self.last_error = ""
+
+    def totals(self) -> tuple[int, int, collections.Counter[str], collections.Counter[str]]:
+        with self.lock:
+            return (self.calls, self.failed, collections.Counter(self.by_instance),
+                    collections.Counter(self.by_version))
+
+    def run(self, mesh: Any, stop: threading.Event) -> None:
+        with mesh.http_client(timeout=5.0) as http:
+            while not stop.is_set():
+                ok, instance, version, error = False, "", "", ""
+                try:
+                    r = http.get(URL)
+                    if r.status_code == 200:
+                        answer = r.json()
+                        ok, instance, version = True, answer["instance"], answer["version"]
+                    else:
+                        error = f"HTTP {r.status_code}"
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                with self.lock:
+                    self.calls += 1
+                    if ok:
+                        self.by_instance[instance] += 1
+                        self.by_version[version] += 1
+                    else:
+                        self.failed += 1
+                        self.last_error = error
+                stop.wait(0.01)
+
+
+def _fmt(counter: collections.Counter[str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "-"
+
+
 class Demo:
     def __init__(self, forever: bool) -> None:
         self.forever = forever
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.stop = threading.Event()
+        self.traffic = Traffic()
 
     def start_instance(self, etcd: str, name: str, version: str) -> None:
         _say(f"starting instance {name} ({version})")
@@ -87,21 +182,35 @@ class Demo:
             proc.terminate()
             proc.wait(10)
 
-    def traffic(self, mesh: object) -> None:
-        """Call the service through discovery, round robin over the current snapshot."""
-        counter = itertools.count()
-        with httpx.Client(timeout=2.0, trust_env=False) as http:
-            while not self.stop.is_set():
-                snap = mesh.snapshot(SERVICE)  # type: ignore[attr-defined]
-                if snap.endpoints:
-                    ep = snap.endpoints[next(counter) % len(snap.endpoints)]
-                    try:
-                        r = http.get(f"http://{ep.authority}/hello")
-                        answer = r.json()
-                        _say(f"  call -> {answer['instance']} ({answer['version']})")
-                    except httpx.HTTPError as exc:
-                        _say(f"  call -> {ep.instance_id} failed: {exc!r}")
-                self.stop.wait(0.5)
+    def kill_instance(self, name: str) -> None:
+        proc = self.children.pop(name)
+        _say(f"SIGKILL {name}: it cannot deregister; its record stays until its lease expires")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def report(self) -> None:
+        """Once a second: calls, failures and answers per instance over the last second."""
+        before = self.traffic.totals()
+        while not self.stop.wait(1.0):
+            now = self.traffic.totals()
+            calls, failed = now[0] - before[0], now[1] - before[1]
+            _say(f"  traffic: {calls} calls, {failed} failed; answered by: "
+                 f"{_fmt(now[2] - before[2])}")
+            before = now
+
+    def measure(self, seconds: float) -> tuple[int, int, collections.Counter[str]]:
+        """(calls, failed, answers per version) over the next ``seconds``."""
+        c0, f0, _i0, v0 = self.traffic.totals()
+        time.sleep(seconds)
+        c1, f1, _i1, v1 = self.traffic.totals()
+        return c1 - c0, f1 - f0, v1 - v0
+
+    def set_mode(self, mesh: Any, name: str, mode: str) -> None:
+        """Tell instance ``name`` to answer ``mode``. The address is an IP literal, so the same
+        mesh client passes the call straight through (not a mesh service name)."""
+        ep = next(e for e in mesh.snapshot(SERVICE).endpoints if e.instance_id == name)
+        with mesh.http_client() as http:
+            http.post(f"http://{ep.authority}/admin/mode/{mode}")
 
     def run(self) -> None:
         from meshlib import Mesh
@@ -112,56 +221,119 @@ class Demo:
         mesh = Mesh(etcd.endpoint)
         layout = mesh.layout
 
-        def on_change(service: str, snap: object) -> None:
-            eps = ", ".join(e.instance_id for e in snap.endpoints)  # type: ignore[attr-defined]
-            pol = snap.policy  # type: ignore[attr-defined]
+        def on_change(service: str, snap: Any) -> None:
+            eps = ", ".join(e.instance_id for e in snap.endpoints)
+            pol = snap.policy
             _say(
-                f"snapshot {service}: [{eps}] policy rev {snap.policy_revision} "  # type: ignore[attr-defined]
-                f"(balancer={pol.load_balancer.policy}, timeout={pol.timeout}s)"
+                f"snapshot {service}: [{eps}] policy rev {snap.policy_revision} "
+                f"(balancer={pol.load_balancer.policy}, timeout={pol.timeout}s, "
+                f"routes={len(pol.routes)})"
             )
 
         mesh.add_listener(on_change)
         mesh.watch(SERVICE)
-        traffic = threading.Thread(target=self.traffic, args=(mesh,), daemon=True)
+        threads = [threading.Thread(target=self.traffic.run, args=(mesh, self.stop), daemon=True)
+                   for _ in range(2)]
+        threads.append(threading.Thread(target=self.report, daemon=True))
         try:
             self.start_instance(etcd.endpoint, "hello-a", "v1")
             self.start_instance(etcd.endpoint, "hello-b", "v1")
             mesh.wait_for(SERVICE, min_endpoints=2, timeout=20)
-            traffic.start()
-            time.sleep(3)
+            _say(f"traffic starts: GET {URL} through mesh.http_client()")
+            for t in threads:
+                t.start()
+            time.sleep(2)
             self.start_instance(etcd.endpoint, "hello-c", "v2")
             mesh.wait_for(SERVICE, min_endpoints=3, timeout=20)
-            time.sleep(3)
+            time.sleep(2)
             self.stop_instance("hello-a")
-            time.sleep(3)
-            _say("operator writes a policy: round_robin, timeout 2s")
-            mesh.client.put(
-                layout.policy_key(SERVICE),
-                b"load_balancer: {policy: round_robin}\ntimeout: 2s\n",
-            )
+            time.sleep(2)
+            _say("operator writes a policy: round_robin, timeout 2s, retries, outlier ejection")
+            mesh.client.put(layout.policy_key(SERVICE), json.dumps(POLICY).encode())
             time.sleep(2)
             _say("operator writes a BAD policy (attempts: 9): refused, the last good one stays")
             mesh.client.put(layout.policy_key(SERVICE), b"retries: {attempts: 9}\n")
-            time.sleep(2)
+            time.sleep(1)
             snap = mesh.snapshot(SERVICE)
             _say(
                 f"policy in force: balancer={snap.policy.load_balancer.policy}, "
                 f"attempts={snap.policy.retries.attempts}"
             )
+            self.start_instance(etcd.endpoint, "hello-d", "v1")
+            self.start_instance(etcd.endpoint, "hello-e", "v1")
+            mesh.wait_for(SERVICE, min_endpoints=4, timeout=20)
+            time.sleep(1)
+
+            # 1. an instance dies mid-traffic
+            c0, f0, *_ = self.traffic.totals()
+            self.kill_instance("hello-b")
+            time.sleep(3)
+            c1, f1, *_ = self.traffic.totals()
+            _say(f"RESULT kill: {f1 - f0} failed calls out of {c1 - c0} in the 3 s after "
+                 "SIGKILL (connect failures retried on another instance)")
+
+            # 2. a canary split pushed through etcd
+            calls, failed, before = self.measure(2)
+            _say(f"per version before the split: {_fmt(before)}")
+            _say("operator pushes a 90/10 canary split (v1 stable, v2 canary) through etcd")
+            mesh.client.put(layout.policy_key(SERVICE), json.dumps(CANARY).encode())
+            time.sleep(0.2)
+            calls, failed, after = self.measure(3)
+            share = 100.0 * after["v2"] / max(1, calls - failed)
+            _say(f"RESULT split: per version over 3 s: {_fmt(after)} ({share:.1f}% to v2)")
+
+            # 3. a misbehaving instance is ejected, then taken back
+            dest = mesh.destination(SERVICE)
+            _say("hello-e starts answering 503")
+            c0, f0, *_ = self.traffic.totals()
+            self.set_mode(mesh, "hello-e", "503")
+            t_bad = time.monotonic()
+            ep_e = next(e for e in mesh.snapshot(SERVICE).endpoints if e.instance_id == "hello-e")
+            ejected = self._wait(lambda: self._ejected(dest, ep_e), 3)
+            _say(f"RESULT eject: hello-e ejected {time.monotonic() - t_bad:.2f}s after it went "
+                 f"bad" if ejected else "hello-e was not ejected (no traffic reached it?)")
+            time.sleep(1.5)
+            _say("hello-e is fixed (answers 200 again); still ejected for the rest of 3 s")
+            self.set_mode(mesh, "hello-e", "ok")
+            _i = self.traffic.totals()[2]["hello-e"]
+            back = self._wait(lambda: self.traffic.totals()[2]["hello-e"] > _i, 6)
+            c1, f1, *_ = self.traffic.totals()
+            _say(f"RESULT readmit: hello-e {'is back, serving again' if back else 'not back'}; "
+                 f"{f1 - f0} failed calls out of {c1 - c0} meanwhile (503s retried elsewhere)")
+            time.sleep(1)
             if self.forever:
                 _say("running until Ctrl-C")
                 while True:
                     time.sleep(1)
-            _say("demo done")
+            calls, failed, *_ = self.traffic.totals()
+            _say(f"demo done: {calls} calls, {failed} failed"
+                 + (f" (last error: {self.traffic.last_error})" if failed else ""))
         except KeyboardInterrupt:
             _say("interrupted")
         finally:
             self.stop.set()
+            for t in threads:
+                if t.is_alive():
+                    t.join(5)
             for name in list(self.children):
                 self.stop_instance(name)
             mesh.close()
             etcd.stop()
             _say("all processes stopped")
+
+    @staticmethod
+    def _ejected(dest: Any, ep: Any) -> bool:
+        slot = dest.health.get(ep)
+        return slot is not None and slot.ejected_until > time.monotonic()
+
+    @staticmethod
+    def _wait(pred: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            time.sleep(0.02)
+        return bool(pred())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,13 +9,16 @@ header stays the mesh service name (``Host: orders``), as a sidecar would send i
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import time
 from time import perf_counter
 from typing import Any
 
 import httpx
 
+# current_deadline and CALLER_HEADER live in meshlib.context (shared with meshlib.server);
+# re-exported here for the transports and meshlib.grpc.
+from meshlib.context import CALLER_HEADER as CALLER_HEADER
+from meshlib.context import current_deadline as current_deadline
 from meshlib.core.call import Attempt, AttemptResult, CallEnd, FailureKind
 from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, Deadline, encode_timeout
 from meshlib.core.outcome import (
@@ -30,13 +33,6 @@ from meshlib.core.retry import parse_retry_after
 from meshlib.http.errors import BY_FAILURE, RetryBudgetExhaustedError
 from meshlib.telemetry.recorders import error_type_of
 
-#: The deadline of the request being served, set by meshlib's server middleware; outgoing
-#: calls made while serving it inherit it (the earlier of it and the policy timeout wins).
-current_deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
-    "meshlib_deadline", default=None
-)
-
-CALLER_HEADER = b"x-mesh-caller"
 _TIMEOUT_HEADER = HTTP_TIMEOUT_HEADER.encode()
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _OUTCOME_BY_STATUS = [classify_http(s, None) for s in range(600)]

@@ -10,8 +10,9 @@ needs (RFC 9112):
 * response head: status line and header fields, at most 64 KiB; interim 1xx responses
   (other than 101) are skipped by the caller;
 * response body (RFC 9112 section 6.3): none for HEAD and 1xx / 204 / 304; chunked when
-  the last transfer coding is ``chunked``; else ``Content-Length`` bytes (differing or
-  invalid values are an error); else until the server closes the connection;
+  the last transfer coding is ``chunked``; until the server closes the connection when
+  another transfer coding is last; else ``Content-Length`` bytes (``1*DIGIT``; differing
+  or invalid values are an error); else until the server closes the connection;
 * reuse: only when the body was read to its end, neither side sent ``Connection: close``
   and the server spoke HTTP/1.1 (or HTTP/1.0 with keep-alive).
 
@@ -26,6 +27,7 @@ import httpx
 CRLF = b"\r\n"
 HEADER_END = b"\r\n\r\n"
 MAX_HEAD = 64 * 1024
+_HEX = b"0123456789abcdefABCDEF"
 
 NEED_DATA = object()  # the parser needs more bytes
 END = object()  # the body is complete
@@ -67,6 +69,8 @@ def take_head(buf: bytearray, eof: bool) -> bytes | None:
         if eof:
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
         return None
+    if i > MAX_HEAD:  # the whole oversized head may arrive in one read
+        raise httpx.RemoteProtocolError("response head larger than 64 KiB")
     head = bytes(buf[:i])
     del buf[: i + 4]
     return head
@@ -97,19 +101,18 @@ def framing(
     """The body reader for a response, and whether the server wants the connection closed."""
     length = -1
     chunked = False
+    coded = False  # a Transfer-Encoding header was present
     close = version == b"HTTP/1.0"
     for name, value in headers:
         n = len(name)
         if n == 14 and name.lower() == b"content-length":
-            try:
-                v = int(value)
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"invalid Content-Length {value!r}") from None
-            if v < 0 or (length >= 0 and v != length):
+            # 1*DIGIT (RFC 9110 8.6); int() alone would take "+5", "1_0", " 5"
+            if not value.isdigit() or (length >= 0 and int(value) != length):
                 raise httpx.RemoteProtocolError(f"invalid Content-Length {value!r}")
-            length = v
+            length = int(value)
         elif n == 17 and name.lower() == b"transfer-encoding":
             chunked = value.lower().rstrip().endswith(b"chunked")
+            coded = True
         elif n == 10 and name.lower() == b"connection":
             v2 = value.lower()
             if b"close" in v2:
@@ -120,7 +123,7 @@ def framing(
         return BodyReader("none", 0), close
     if chunked:
         return BodyReader("chunked", 0), close
-    if length >= 0:
+    if length >= 0 and not coded:
         return BodyReader("length", length), close
     return BodyReader("close", 0), True
 
@@ -195,10 +198,11 @@ class BodyReader:
                     self.done = True
                     return END
                 continue
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"invalid chunk size line {line[:40]!r}") from None
+            digits = line.split(b";", 1)[0].strip()
+            # 1*HEXDIG (RFC 9112 7.1); int(, 16) alone would take "-5", "+5", "0x5", "1_0"
+            if not digits or digits.strip(_HEX):
+                raise httpx.RemoteProtocolError(f"invalid chunk size line {line[:40]!r}")
+            size = int(digits, 16)
             if size == 0:
                 self.state = 2
                 continue
