@@ -19,7 +19,14 @@ Errors are raised as the httpx exceptions httpx's own transport raises (``Connec
 ``ConnectTimeout``, ``ReadTimeout``, ``WriteTimeout``, ``ReadError``,
 ``RemoteProtocolError``), so retry classification is the same for every transport.
 Timeouts follow httpx's per-phase model: ``connect``, ``write``, and ``read`` (each wait for
-response bytes may last at most ``read`` seconds).
+response bytes may last at most ``read`` seconds). A streamed request body is written with
+flow control: the async connection waits (at most ``write`` seconds) whenever the
+transport's write buffer is over its high-water mark (``pause_writing``/``resume_writing``,
+as ``asyncio.StreamWriter.drain`` does), so a slow server does not make it buffer the
+whole stream in memory. Reading is flow-controlled the same way: the protocol pauses the
+transport once more than ``_READ_HIGH`` bytes are buffered and resumes it when the body
+reader asks for more, so a slowly consumed response body stays mostly in the kernel and on
+the server, as with a blocking socket.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from meshlib.http.wire import (
 Key = tuple[str, int]
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _RECV = 65536
+_READ_HIGH = 1 << 20  # async: pause reading with this many response bytes buffered
 
 
 def _request_bytes(
@@ -266,12 +274,18 @@ class _Protocol(asyncio.Protocol):
         self.waiter: asyncio.Future[Any] | None = None
         self.eof = False
         self.reusable = True
+        self.paused = False  # the transport's write buffer is over its high-water mark
+        self.reading_paused = False  # more than _READ_HIGH bytes buffered
+        self.drained: asyncio.Future[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        if len(self.buf) > _READ_HIGH and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -284,6 +298,16 @@ class _Protocol(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.eof = True
         self._wake()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        d = self.drained
+        if d is not None and not d.done():
+            d.set_result(None)
 
     def _wake(self) -> None:
         w = self.waiter
@@ -297,6 +321,8 @@ class _Protocol(asyncio.Protocol):
 
     async def fill(self, timeout: float | None) -> None:
         """Wait for more bytes or EOF, at most ``timeout`` seconds."""
+        if self.reading_paused:
+            self.resume()
         w = self.waiter = self.loop.create_future()
         if timeout is None:
             await w
@@ -308,6 +334,26 @@ class _Protocol(asyncio.Protocol):
             handle.cancel()
         if w.result() is _TIMED_OUT:
             raise httpx.ReadTimeout(f"no response data within {timeout}s")
+
+    def resume(self) -> None:
+        self.reading_paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    async def drain(self, timeout: float | None) -> None:
+        """Wait until the transport resumes writing, at most ``timeout`` seconds."""
+        d = self.drained = self.loop.create_future()
+        handle = None if timeout is None else self.loop.call_later(timeout, _expire, d)
+        try:
+            await d
+        finally:
+            if handle is not None:
+                handle.cancel()
+        if d.result() is _TIMED_OUT:
+            raise httpx.WriteTimeout("sending the request timed out")
+        if self.transport is None or self.transport.is_closing():
+            raise httpx.WriteError(f"connection to {self.key[0]}:{self.key[1]} lost while "
+                                   "sending the request")
 
     def close(self) -> None:
         self.reusable = False
@@ -370,6 +416,8 @@ class AsyncPool:
         if len(stack) >= self.max_idle or not conn.usable():
             conn.close()
         else:
+            if conn.reading_paused:  # idle: must see the server's FIN (usable())
+                conn.resume()
             stack.append(conn)
 
     async def _connect(self, key: Key, timeout: float | None) -> _Protocol:
@@ -423,9 +471,12 @@ class AsyncPool:
         assert transport is not None
         transport.write(first)
         if more:
+            write_timeout = t.get("write")
             async for part in stream:
                 if part:
                     transport.write(encode_chunk(part) if chunked else part)
+                    if conn.paused:
+                        await conn.drain(write_timeout)
             if chunked:
                 transport.write(LAST_CHUNK)
         read_timeout = t.get("read")
