@@ -17,7 +17,7 @@ Against a throwaway etcd on loopback (``meshlib.testing.EtcdServer``) this bench
    groups that watch the same services, as replicas of one caller do) directly and through
    ``etcd grpc-proxy``, twice: with meshlib ``Mesh`` objects (in worker processes, like
    ``bench/propagation.py``) and with bare etcd Watch streams (same requests, no meshlib logic),
-   so the proxy's watch coalescing is measured even when meshlib cannot run behind the proxy.
+   so the proxy's watch coalescing is measured apart from meshlib's own watch logic.
    It reports the watch streams and watchers etcd serves, their idle CPU and the propagation
    delay of a change;
 5. holds ``--cost-streams`` x ``--cost-watches`` idle bare watches (default 50 x 1,000) directly
@@ -719,10 +719,9 @@ def fanout_raw(etcd: Any, client: Any, target: str, label: str, args: argparse.N
     res["canceled"] = sum(w.canceled for w in watchers)
     res["out_of_order"] = sum(w.out_of_order for w in watchers)
     if res["out_of_order"]:
-        problems.append(
-            f"raw {label}: {res['out_of_order']} 'created' answers came out of request order; a "
-            "client that matches creates to answers FIFO (meshlib's WatchManager does) can route "
-            "one prefix's events to another watch")
+        print(f"note: raw {label}: {res['out_of_order']} 'created' answers came out of request "
+              "order (the proxy does this; meshlib keeps one create outstanding per stream, as "
+              "etcd's Go client does, so it is not affected)")
     if res["canceled"]:
         problems.append(f"raw {label}: {res['canceled']} watches canceled by the server")
     if res["prop"]["got"] < res["prop"]["expected"]:
