@@ -10,27 +10,39 @@ response), with ``write()`` / ``done_writing()`` for request streams and the asy
 As in grpc.aio, a call starts when it is created: the first attempt is sent at once (unless
 fault injection delays it), and the plan continues (retries) when the call is awaited or read.
 A call is meant to be awaited by one task.
+
+Telemetry is recorded as in the sync channel (``meshlib.grpc.attempt``, "Telemetry"): a call
+span and one call-duration observation per call (a stream's when grpc.aio reports it done),
+a CLIENT span and one attempt observation per attempt as it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 from grpc.aio import AioRpcError
 
-from meshlib.core.call import CallEnd, CallGen, CallObserver, Sleep
+from meshlib.core.call import AttemptResult, CallEnd, CallGen, CallObserver, Sleep
+from meshlib.core.outcome import Outcome
 from meshlib.grpc.attempt import (
     CALLER_KEY,
     OK_RESULT,
+    RpcTelemetry,
+    attempt_aborted,
+    attempt_ended,
+    attempt_metadata,
     base_metadata,
+    call_cancelled,
+    call_ended,
     end_error,
     result_from_code,
     result_from_error,
-    retry_metadata,
     start_call,
+    stream_ended,
 )
 from meshlib.grpc.pool import ChannelPool
 
@@ -38,12 +50,13 @@ if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
 _EOF = grpc.aio.EOF
+_SUCCESS = Outcome.SUCCESS
 _sleep = asyncio.sleep
 
 
 class _AioMultiCallable:
     __slots__ = ("_ch", "_dest", "_pool", "_kind", "_method", "_ser", "_deser", "_kw",
-                 "_mcs", "_gen", "_service", "_observer", "_extra", "_replayable")
+                 "_mcs", "_gen", "_service", "_observer", "_extra", "_replayable", "_tel")
 
     def __init__(self, ch: AioMeshChannel, kind: str, method: str, ser: Any, deser: Any,
                  kwargs: dict[str, Any], replayable: bool) -> None:
@@ -61,6 +74,7 @@ class _AioMultiCallable:
         self._observer = ch._observer
         self._extra = ch._extra
         self._replayable = replayable
+        self._tel = RpcTelemetry(ch._recorder, ch.service, self._method)
 
     def _mc(self, ep: Any) -> Any:
         pool = self._pool
@@ -78,11 +92,13 @@ class _AioMultiCallable:
     def __call__(self, request: Any = None, *, timeout: float | None = None,
                  metadata: Any = None, credentials: Any = None,
                  wait_for_ready: bool | None = None, compression: Any = None) -> Any:
+        started = perf_counter()
+        span = self._tel.start()
         gen = start_call(self._dest, self._method, metadata, timeout, self._replayable,
                          self._observer)
         cls = _AioUnaryCall if self._kind in ("unary_unary", "stream_unary") else _AioStreamCall
         return cls(self, request, base_metadata(metadata, self._extra), gen,
-                   (credentials, wait_for_ready, compression))
+                   (credentials, wait_for_ready, compression), span, started)
 
 
 class UnaryUnary(_AioMultiCallable, grpc.aio.UnaryUnaryMultiCallable):
@@ -105,12 +121,17 @@ class _AioCallBase:
     """Starting attempts and the accessors common to both call kinds."""
 
     def __init__(self, owner: _AioMultiCallable, request: Any, md: Any, gen: CallGen,
-                 extra: tuple[Any, Any, Any]) -> None:
+                 extra: tuple[Any, Any, Any], span: Any, started: float) -> None:
         self._owner = owner
         self._request = request
         self._md = md
         self._gen: CallGen | None = gen
         self._extra = extra
+        self._span = span
+        self._started = started
+        self._aspan: Any = None  # the attempt in flight (its span)
+        self._n = 0
+        self._t0 = started
         self._call: Any = None
         self._pending: Sleep | None = None
         self._done = False
@@ -126,23 +147,50 @@ class _AioCallBase:
         if action.__class__ is Sleep:
             self._pending = action
             return
-        mc = self._owner._mc(action.endpoint)
+        ep = action.endpoint
+        mc = self._owner._mc(ep)
         n = action.number
+        aspan = self._span.attempt(n, ep.address, ep.port)
+        md = attempt_metadata(self._md, n, aspan)
         cred, wfr, comp = self._extra
-        self._call = mc(self._request, timeout=action.timeout,
-                        metadata=self._md if n == 1 else retry_metadata(self._md, n),
+        self._aspan, self._n, self._t0 = aspan, n, perf_counter()
+        self._call = mc(self._request, timeout=action.timeout, metadata=md,
                         credentials=cred, wait_for_ready=wfr, compression=comp)
 
     def _end(self, end: CallEnd) -> None:
         self._gen = None
         self._done = True
-        if end.result is not OK_RESULT:  # OK_RESULT: _value already holds the response
+        if end.result is OK_RESULT:  # _value already holds the response
+            self._owner._tel.method.call("OK", None, perf_counter() - self._started)
+            self._span.end("OK", None)
+        else:
             exc = end_error(end, self._owner._service, aio=True)
             if exc is None:
                 self._value = end.result.value  # type: ignore[union-attr]
             self._exc = exc
+            call_ended(self._owner._tel, self._span, self._started, end, exc)
         if self._callbacks:
             self._fire()
+
+    def _end_attempt(self, result: AttemptResult, code: Any = None) -> None:
+        aspan, self._aspan = self._aspan, None
+        if aspan is not None:
+            attempt_ended(self._owner._tel.recorder, aspan, self._n, result,
+                          perf_counter() - self._t0, code)
+
+    def _abort(self, exc: BaseException | None) -> None:
+        """The call ended without a status from the server: cancelled (``exc`` None) or
+        interrupted by ``exc`` (task cancellation, an error of the caller's)."""
+        if isinstance(exc, asyncio.CancelledError):
+            exc = None
+        aspan, self._aspan = self._aspan, None
+        tel = self._owner._tel
+        if aspan is not None:
+            attempt_aborted(tel.recorder, aspan, self._n, perf_counter() - self._t0, exc)
+        if exc is None:
+            call_cancelled(tel, self._span, self._started)
+        else:
+            call_ended(tel, self._span, self._started, None, exc)
 
     def _fire(self) -> None:
         callbacks, self._callbacks = self._callbacks, []
@@ -162,10 +210,11 @@ class _AioCallBase:
             except StopIteration as stop:
                 self._end(stop.value)
 
-    def _abandon(self) -> None:
+    def _abandon(self, exc: BaseException | None = None) -> None:
         gen, self._gen = self._gen, None
         if gen is not None:
             gen.close()
+            self._abort(exc)
 
     # --- grpc.aio.Call / RpcContext -------------------------------------------------------
     def cancelled(self) -> bool:
@@ -245,19 +294,24 @@ class _AioUnaryCall(_AioCallBase):
                         continue
                     try:
                         self._value = await self._call
-                        result = OK_RESULT
                     except AioRpcError as err:
                         result = result_from_error(err)
-                    # TELEMETRY(attempt): per-attempt metrics go here.
+                        self._end_attempt(result)
+                    else:  # _end_attempt(OK_RESULT) inlined: the hot path
+                        result = OK_RESULT
+                        aspan, self._aspan = self._aspan, None
+                        self._owner._tel.recorder.attempt(self._n, _SUCCESS,
+                                                          perf_counter() - self._t0)
+                        aspan.end("OK", None)
                     self._next(gen.send(result))
             except StopIteration as stop:
-                # TELEMETRY(call): per-call metrics go here.
                 self._end(stop.value)
             except BaseException as exc:
                 gen.close()  # frees the concurrency slot, the load count and any breaker trial
                 self._gen = None
                 self._done = True
                 self._exc = exc
+                self._abort(exc)
                 self._fire()
                 raise
         if self._exc is not None:
@@ -318,13 +372,15 @@ class _AioStreamCall(_AioCallBase):
             code = await call.code()
         except BaseException:
             code = grpc.StatusCode.CANCELLED
-        # TELEMETRY(call): a stream's end (code) is known here.
+        result = result_from_code(code, call)
+        self._end_attempt(result, code)
         try:
-            gen.send(result_from_code(code, call))
+            gen.send(result)
         except StopIteration:
             pass
         finally:
             gen.close()
+            stream_ended(self._owner._tel, self._span, self._started, code)
         self._done = True
         self._fire()
 
@@ -344,14 +400,15 @@ class _AioStreamCall(_AioCallBase):
                     break
                 gen = self._gen
                 assert gen is not None
+                self._end_attempt(result)
                 try:
                     self._next(gen.send(result))
                 except StopIteration as stop:
                     self._end(stop.value)
                     return
                 continue
-            except BaseException:
-                self._abandon()
+            except BaseException as exc:
+                self._abandon(exc)
                 raise
             break
         self._commit()
@@ -425,7 +482,8 @@ class AioMeshChannel(grpc.aio.Channel):
         self._dest = mesh.destination(service)
         self._pool = ChannelPool(mesh, service, options=options, compression=compression,
                                  aio=True, drain_timeout=drain_timeout)
-        self._observer = observer or mesh.call_observer("grpc")
+        self._recorder = mesh.call_observer("grpc", service)
+        self._observer = observer or self._recorder
         self._extra: tuple[tuple[str, str], ...] = (
             ((CALLER_KEY, mesh.service),) if mesh.service else ()
         )

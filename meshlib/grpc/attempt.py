@@ -17,11 +17,23 @@ call's arguments into the plan's inputs and an attempt's end into an ``AttemptRe
   it) while its outcome still counts for breakers and outlier detection.
 * Server pushback: ``grpc-retry-pushback-ms`` trailing metadata (A6) replaces the backoff.
 * Retries carry ``grpc-previous-rpc-attempts`` (A6 "Retry metadata").
+
+Telemetry (the same recorders and spans as the HTTP transports, ``meshlib.http.attempt``):
+:class:`RpcTelemetry` resolves, once per multicallable, the destination's
+``RpcClientRecorder`` (also the plan's observer: retries, refused retries, breaker and
+ejection events), the method's ``RpcMethodRecorder`` and the span names
+(``split_full_method``). Per call the drivers open a call span (``start_rpc_call``), per
+attempt a CLIENT span whose context is injected into that attempt's metadata, and close both
+with :func:`attempt_ended` / :func:`call_ended`: the attempt series by outcome, the call
+duration by the gRPC code name, and, for mesh failures (``MeshRpcError.reason``), the reason
+as ``error_type`` with the code it maps to. As in gRFC A66, a call the application cancels
+is recorded too (``CANCELLED``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -33,6 +45,8 @@ from meshlib.core.outcome import GRPC_TO_HTTP, Outcome, classify_grpc
 from meshlib.core.retry import PUSHBACK_HEADER, parse_pushback_ms
 from meshlib.grpc.errors import code_from_name, mesh_error
 from meshlib.http.attempt import current_deadline
+from meshlib.telemetry.recorders import error_type_of, split_full_method
+from meshlib.telemetry.tracing import start_rpc_call
 
 CALLER_KEY = "x-mesh-caller"
 PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
@@ -163,3 +177,136 @@ def end_error(end: CallEnd, service: str, *, aio: bool) -> BaseException | None:
     if end.attempts > 1:
         value.add_note(f"meshlib: service {service!r}, {end.attempts} attempt(s)")
     return value
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class _NullMethodRecorder:
+    __slots__ = ()
+
+    def call(self, status: object, error_type: str | None, seconds: float) -> None:
+        return None
+
+
+class _NullRecorder:
+    """Stands in when the mesh gives no recorder (``call_observer`` without a service)."""
+
+    def attempt(self, attempt: int, outcome: object, seconds: float) -> None:
+        return None
+
+    def no_endpoints(self) -> None:
+        return None
+
+    def concurrency_rejected(self) -> None:
+        return None
+
+    def method(self, rpc_service: str, rpc_method: str) -> _NullMethodRecorder:
+        return _NullMethodRecorder()
+
+
+class RpcTelemetry:
+    """What one multicallable records through, resolved once at its creation."""
+
+    __slots__ = ("method", "recorder", "rpc_method", "rpc_service", "service")
+
+    def __init__(self, recorder: Any, service: str, full_method: str) -> None:
+        if not hasattr(recorder, "method"):
+            recorder = _NullRecorder()
+        self.recorder = recorder
+        self.service = service
+        self.rpc_service, self.rpc_method = split_full_method(full_method)
+        self.method = recorder.method(self.rpc_service, self.rpc_method)
+
+    def start(self) -> Any:
+        """The span of one logical call (a shared no-op when tracing is off)."""
+        return start_rpc_call(self.service, self.rpc_service, self.rpc_method)
+
+
+def attempt_metadata(md: Any, number: int, aspan: Any) -> list[Any] | None:
+    """The metadata of attempt ``number``: the call's, ``grpc-previous-rpc-attempts`` on a
+    retry, and the attempt span's trace context (``traceparent``; nothing when tracing is
+    off). One list per attempt; None when empty, as grpcio accepts."""
+    if number != 1:
+        md = retry_metadata(md, number)
+    out = list(md) if md else []
+    aspan.inject(out, False)
+    return out or None
+
+
+def _code_of(value: Any) -> Any:
+    """The status of a finished call or error (``RpcError.code()`` is synchronous for sync
+    and aio errors alike; an aio call object's is a coroutine, so it is never asked)."""
+    if not isinstance(value, grpc.RpcError):
+        return None
+    try:
+        return value.code()
+    except Exception:  # an error object that cannot tell (not expected from grpcio)
+        return None
+
+
+def attempt_ended(recorder: Any, aspan: Any, number: int, result: AttemptResult,
+                  seconds: float, code: Any = None) -> None:
+    """Attempt ``number`` ended with ``result`` (status ``code`` when the caller knows it):
+    its series and its span."""
+    recorder.attempt(number, result.outcome, seconds)
+    if code is None:
+        code = result.grpc_code
+        if code is None:
+            code = _code_of(result.value)
+    aspan.end(code, None)
+
+
+def attempt_aborted(recorder: Any, aspan: Any, number: int, seconds: float,
+                    exc: BaseException | None) -> None:
+    """Attempt ``number`` was cancelled or interrupted by the caller (``exc``)."""
+    recorder.attempt(number, Outcome.LOCAL, seconds)
+    aspan.end(grpc.StatusCode.CANCELLED, None if exc is None else error_type_of(exc))
+
+
+_NO_USABLE_ENDPOINT = frozenset({FailureKind.NO_ENDPOINTS, FailureKind.CIRCUIT_OPEN})
+
+
+def call_ended(tel: RpcTelemetry, span: Any, started: float, end: CallEnd | None,
+               exc: BaseException | None) -> None:
+    """Record the logical call: ``exc`` is what the caller gets (None: a response);
+    ``end`` is the plan's end (None when the call was cancelled or interrupted)."""
+    seconds = perf_counter() - started
+    if exc is None:
+        tel.method.call("OK", None, seconds)
+        span.end("OK", None)
+        return
+    reason = getattr(exc, "reason", None)
+    if end is not None and end.failure is not None:
+        if end.failure in _NO_USABLE_ENDPOINT:
+            tel.recorder.no_endpoints()
+        elif end.failure == FailureKind.CONCURRENCY:
+            tel.recorder.concurrency_rejected()
+    if isinstance(exc, grpc.RpcError):
+        status = _code_of(exc)
+        etype = reason or None
+    else:  # cancelled or interrupted: no status from the server
+        status = grpc.StatusCode.CANCELLED
+        etype = error_type_of(exc)
+    tel.method.call(status, etype, seconds)
+    span.end(status, etype)
+
+
+def call_cancelled(tel: RpcTelemetry, span: Any, started: float) -> None:
+    """The application cancelled the call (``call.cancel()``)."""
+    seconds = perf_counter() - started
+    tel.method.call(grpc.StatusCode.CANCELLED, None, seconds)
+    span.end(grpc.StatusCode.CANCELLED, None)
+
+
+def stream_ended(tel: RpcTelemetry, span: Any, started: float, code: Any) -> None:
+    """A committed stream finished with status ``code`` (a ``grpc.StatusCode``)."""
+    seconds = perf_counter() - started
+    if code is grpc.StatusCode.OK:
+        tel.method.call("OK", None, seconds)
+        span.end("OK", None)
+        return
+    if code is None:
+        code = grpc.StatusCode.UNKNOWN
+    tel.method.call(code, None, seconds)
+    span.end(code, None)

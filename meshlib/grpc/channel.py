@@ -21,6 +21,11 @@ Call shapes (gRPC A6 "When Retries are Valid"):
 
 Streams report their end to the plan from grpcio's done callback, so a stream abandoned by
 its caller still frees its concurrency slot and load count when grpcio ends it.
+
+Telemetry mirrors the HTTP transports (``meshlib.grpc.attempt``, "Telemetry"): one call span
+and one ``rpc_client_call_duration_seconds`` observation per logical call (for a stream, when
+it finishes), one CLIENT span and one attempt observation per attempt as it ends; the
+attempt span's context travels in that attempt's metadata (``traceparent``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -37,13 +43,19 @@ from meshlib.core.outcome import Outcome
 from meshlib.grpc.attempt import (
     CALLER_KEY,
     OK_RESULT,
+    RpcTelemetry,
+    attempt_aborted,
+    attempt_ended,
+    attempt_metadata,
     base_metadata,
+    call_cancelled,
+    call_ended,
     end_error,
     ok_result,
     result_from_code,
     result_from_error,
-    retry_metadata,
     start_call,
+    stream_ended,
 )
 from meshlib.grpc.pool import ChannelPool
 
@@ -51,13 +63,14 @@ if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
 _sleep = time.sleep
+_SUCCESS = Outcome.SUCCESS
 
 
 class _MultiCallable:
     """Shared state of one method's multicallable: the endpoint-callable cache."""
 
     __slots__ = ("_ch", "_dest", "_pool", "_kind", "_method", "_ser", "_deser", "_kw",
-                 "_mcs", "_gen", "_service", "_observer", "_extra", "_replayable")
+                 "_mcs", "_gen", "_service", "_observer", "_extra", "_replayable", "_tel")
 
     def __init__(self, ch: MeshChannel, kind: str, method: str, ser: Any, deser: Any,
                  kwargs: dict[str, Any], replayable: bool) -> None:
@@ -75,6 +88,7 @@ class _MultiCallable:
         self._observer = ch._observer
         self._extra = ch._extra
         self._replayable = replayable
+        self._tel = RpcTelemetry(ch._recorder, ch.service, self._method)
 
     def _mc(self, ep: Any) -> Any:
         """The picked endpoint's own grpcio multicallable (cached)."""
@@ -116,16 +130,25 @@ class _UnaryResponse(_MultiCallable):
     def future(self, request: Any, timeout: float | None = None, metadata: Any = None,
                credentials: Any = None, wait_for_ready: bool | None = None,
                compression: Any = None) -> _UnaryFuture:
+        started = perf_counter()
+        span = self._tel.start()
         gen = self._start(metadata, timeout)
         return _UnaryFuture(self, request, base_metadata(metadata, self._extra), gen,
-                            (credentials, wait_for_ready, compression))
+                            (credentials, wait_for_ready, compression), span, started)
 
     def _blocking(self, request: Any, timeout: float | None, metadata: Any, credentials: Any,
                   wait_for_ready: bool | None, compression: Any, with_call: bool) -> Any:
+        started = perf_counter()
+        tel = self._tel
+        span = tel.start()
+        recorder = tel.recorder
         gen = self._start(metadata, timeout)
         md = base_metadata(metadata, self._extra)
         resp = None
         action: Any
+        aspan: Any = None
+        t0 = started
+        n = 0
         try:
             action = next(gen)
             while True:
@@ -133,32 +156,44 @@ class _UnaryResponse(_MultiCallable):
                     _sleep(action.seconds)
                     action = gen.send(None)
                     continue
-                mc = self._mc(action.endpoint)
+                ep = action.endpoint
+                mc = self._mc(ep)
                 n = action.number
+                aspan = span.attempt(n, ep.address, ep.port)
+                amd = attempt_metadata(md, n, aspan)
+                t0 = perf_counter()
                 try:
                     if with_call:
-                        resp = mc.with_call(request, action.timeout,
-                                            md if n == 1 else retry_metadata(md, n),
+                        resp = mc.with_call(request, action.timeout, amd,
                                             credentials, wait_for_ready, compression)
                     else:
-                        resp = mc(request, action.timeout, md if n == 1 else retry_metadata(md, n),
+                        resp = mc(request, action.timeout, amd,
                                   credentials, wait_for_ready, compression)
-                    result = OK_RESULT
                 except grpc.RpcError as err:
                     result = result_from_error(err)
-                # TELEMETRY(attempt): per-attempt metrics go here (endpoint, result.outcome).
+                    attempt_ended(recorder, aspan, n, result, perf_counter() - t0)
+                else:  # attempt_ended(..., OK_RESULT, ...) inlined: the hot path
+                    result = OK_RESULT
+                    recorder.attempt(n, _SUCCESS, perf_counter() - t0)
+                    aspan.end("OK", None)
+                aspan = None
                 action = gen.send(result)
         except StopIteration as stop:
             end: CallEnd = stop.value
-        except BaseException:
+        except BaseException as exc:
             gen.close()  # frees the concurrency slot, the load count and any breaker trial
+            if aspan is not None:
+                attempt_aborted(recorder, aspan, n, perf_counter() - t0, exc)
+            call_ended(tel, span, started, None, exc)
             raise
-        # TELEMETRY(call): per-call metrics go here (end.attempts, end.failure, status).
         if end.result is OK_RESULT:
+            tel.method.call("OK", None, perf_counter() - started)  # call_ended(..., None)
+            span.end("OK", None)
             return resp
-        exc = end_error(end, self._service, aio=False)
-        if exc is not None:
-            raise exc
+        error = end_error(end, self._service, aio=False)
+        call_ended(tel, span, started, end, error)
+        if error is not None:
+            raise error
         return end.result.value  # type: ignore[union-attr]
 
 
@@ -180,12 +215,17 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
     plan generator; it is never held while waiting for I/O."""
 
     def __init__(self, owner: _UnaryResponse, request: Any, md: Any, gen: CallGen,
-                 extra: tuple[Any, Any, Any]) -> None:
+                 extra: tuple[Any, Any, Any], span: Any, started: float) -> None:
         self._owner = owner
         self._request = request
         self._md = md
         self._gen = gen
         self._extra = extra
+        self._span = span
+        self._started = started
+        self._aspan: Any = None  # the attempt in flight (its span), guarded by _lock
+        self._n = 0
+        self._t0 = started
         self._lock = threading.RLock()
         self._cond = threading.Condition(threading.Lock())
         self._state = _RUNNING
@@ -209,10 +249,13 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
                     self._timer.daemon = True
                     self._timer.start()
                     return
-                mc = self._owner._mc(action.endpoint)  # type: ignore[union-attr]
+                ep = action.endpoint  # type: ignore[union-attr]
+                mc = self._owner._mc(ep)
                 n = action.number  # type: ignore[union-attr]
-                md = self._md if n == 1 else retry_metadata(self._md, n)
+                aspan = self._span.attempt(n, ep.address, ep.port)
+                md = attempt_metadata(self._md, n, aspan)
                 cred, wfr, comp = self._extra
+                self._aspan, self._n, self._t0 = aspan, n, perf_counter()
                 fut = mc.future(self._request, action.timeout, md, cred, wfr, comp)  # type: ignore[union-attr]
                 self._attempt = fut
             except StopIteration as stop:
@@ -220,9 +263,21 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
                 return
             except BaseException as exc:
                 gen.close()
+                self._end_attempt(None, exc)
                 self._finish(None, exc)
                 return
         fut.add_done_callback(self._on_attempt)
+
+    def _end_attempt(self, result: AttemptResult | None, exc: BaseException | None) -> None:
+        """Record the attempt in flight (if any) as ended with ``result`` (None: aborted)."""
+        aspan, self._aspan = self._aspan, None
+        if aspan is None:
+            return
+        rec = self._owner._tel.recorder  # type: ignore[union-attr]
+        if result is None:
+            attempt_aborted(rec, aspan, self._n, perf_counter() - self._t0, exc)
+        else:
+            attempt_ended(rec, aspan, self._n, result, perf_counter() - self._t0)
 
     def _on_attempt(self, fut: Any) -> None:
         if self._state != _RUNNING or fut is not self._attempt:
@@ -233,6 +288,10 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
             result = result_from_error(err)
         except grpc.FutureCancelledError:
             result = AttemptResult(Outcome.LOCAL, 499, None)
+        with self._lock:
+            if self._state != _RUNNING or fut is not self._attempt:
+                return
+            self._end_attempt(result, None)
         self._step(result)
 
     def _finish(self, end: CallEnd | None, exc: BaseException | None) -> None:
@@ -240,6 +299,7 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
             exc = end_error(end, self._owner._service, aio=False)
             if exc is None:
                 self._value = end.result.value  # type: ignore[union-attr]
+        call_ended(self._owner._tel, self._span, self._started, end, exc)  # type: ignore[union-attr]
         self._exc = exc
         with self._cond:
             self._state = _FINISHED
@@ -262,6 +322,8 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
             if self._attempt is not None:
                 self._attempt.cancel()
             self._gen.close()
+            self._end_attempt(None, None)
+            call_cancelled(self._owner._tel, self._span, self._started)  # type: ignore[union-attr]
         for cb in callbacks:
             cb(self)
         return True
@@ -353,9 +415,11 @@ class _StreamResponse(_MultiCallable):
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
                  credentials: Any = None, wait_for_ready: bool | None = None,
                  compression: Any = None) -> _StreamCall:
+        started = perf_counter()
+        span = self._tel.start()
         gen = self._start(metadata, timeout)
         return _StreamCall(self, request, base_metadata(metadata, self._extra), gen,
-                           (credentials, wait_for_ready, compression))
+                           (credentials, wait_for_ready, compression), span, started)
 
 
 class UnaryStream(_StreamResponse, grpc.UnaryStreamMultiCallable):
@@ -374,7 +438,7 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
     committed attempt's done callback, exactly once."""
 
     def __init__(self, owner: _StreamResponse, request: Any, md: Any, gen: CallGen,
-                 extra: tuple[Any, Any, Any]) -> None:
+                 extra: tuple[Any, Any, Any], span: Any, started: float) -> None:
         self._owner = owner
         self._request = request
         self._md = md
@@ -385,12 +449,18 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
         self._buffer: list[Any] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._span = span
+        self._started = started
+        self._aspan: Any = None  # the attempt in flight (its span)
+        self._n = 0
+        self._t0 = started
         try:
             self._advance(next(gen))
         except StopIteration as stop:
             self._end(stop.value)
-        except BaseException:
+        except BaseException as exc:
             gen.close()
+            self._abort(exc)
             raise
         if not owner._replayable and self._call is not None:
             self._commit()  # a request stream is never replayed: one attempt
@@ -399,16 +469,38 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
         while action.__class__ is Sleep:
             _sleep(action.seconds)
             action = self._gen.send(None)  # type: ignore[union-attr]
-        mc = self._owner._mc(action.endpoint)
+        ep = action.endpoint
+        mc = self._owner._mc(ep)
         n = action.number
-        md = self._md if n == 1 else retry_metadata(self._md, n)
+        aspan = self._span.attempt(n, ep.address, ep.port)
+        md = attempt_metadata(self._md, n, aspan)
         cred, wfr, comp = self._extra
+        self._aspan, self._n, self._t0 = aspan, n, perf_counter()
         self._call = mc(self._request, action.timeout, md, cred, wfr, comp)
 
     def _end(self, end: CallEnd) -> None:
         self._gen = None
         self._committed = True
         self._error = end_error(end, self._owner._service, aio=False)
+        call_ended(self._owner._tel, self._span, self._started, end, self._error)
+
+    def _end_attempt(self, result: AttemptResult, code: Any = None) -> None:
+        aspan, self._aspan = self._aspan, None
+        if aspan is not None:
+            attempt_ended(self._owner._tel.recorder, aspan, self._n, result,
+                          perf_counter() - self._t0, code)
+
+    def _abort(self, exc: BaseException | None) -> None:
+        """The call ended without a status from the server: cancelled (``exc`` None) or
+        interrupted by ``exc``."""
+        aspan, self._aspan = self._aspan, None
+        tel = self._owner._tel
+        if aspan is not None:
+            attempt_aborted(tel.recorder, aspan, self._n, perf_counter() - self._t0, exc)
+        if exc is None:
+            call_cancelled(tel, self._span, self._started)
+        else:
+            call_ended(tel, self._span, self._started, None, exc)
 
     def _commit(self) -> None:
         self._committed = True
@@ -423,13 +515,15 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
             code = call.code()
         except Exception:  # pragma: no cover - defensive: grpcio always has a code when done
             code = None
-        # TELEMETRY(call): a stream's end (code) is known here.
+        result = result_from_code(code, call)
+        self._end_attempt(result, code)
         try:
-            gen.send(result_from_code(code, call))
+            gen.send(result)
         except StopIteration:
             pass
         finally:
             gen.close()
+            stream_ended(self._owner._tel, self._span, self._started, code)
 
     def _drive(self) -> None:
         """Until committed: read the first message, retrying uncommitted failures."""
@@ -445,13 +539,15 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
                     break
                 gen = self._gen
                 assert gen is not None
+                self._end_attempt(result)
                 try:
                     self._advance(gen.send(result))
                 except StopIteration as stop:
                     self._end(stop.value)
                     return
-                except BaseException:
+                except BaseException as exc:
                     gen.close()
+                    self._abort(exc)
                     raise
                 continue
             break
@@ -511,6 +607,7 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
             self._committed = True
             if gen is not None:
                 gen.close()
+                self._abort(None)
             return bool(cancelled)
         return bool(call.cancel())
 
@@ -574,7 +671,8 @@ class MeshChannel(grpc.Channel):
         self._dest = mesh.destination(service)
         self._pool = ChannelPool(mesh, service, options=options, compression=compression,
                                  drain_timeout=drain_timeout)
-        self._observer = observer or mesh.call_observer("grpc")
+        self._recorder = mesh.call_observer("grpc", service)
+        self._observer = observer or self._recorder
         self._extra: tuple[tuple[str, str], ...] = (
             ((CALLER_KEY, mesh.service),) if mesh.service else ()
         )
