@@ -40,7 +40,7 @@ from meshlib import Mesh
 from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, Deadline, parse_timeout
 from meshlib.discovery.registration import Registration
 from meshlib.http import DeadlineExceededError, MeshHTTPError
-from meshlib.http.attempt import current_deadline
+from meshlib.context import current_deadline
 
 SERVICE = "gateway"
 ORDERS = "http://orders"

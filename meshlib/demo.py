@@ -13,6 +13,12 @@ seconds it shows:
 * a misbehaving instance (answers 503): its calls are retried elsewhere, it is ejected
   (outlier detection), and it is taken back after its ejection time once it is healthy.
 
+Telemetry: every instance records the server series and serves ``/metrics`` on its service
+port; ``--metrics-port`` serves the client's series (HTTP client, attempts, retries,
+breakers, ejections, etcd) and ``--prometheus-targets FILE`` keeps a Prometheus file_sd
+target list of the client and the live instances, for the Grafana dashboard in
+``adapters/grafana/``.
+
 ``--forever`` keeps the traffic going until Ctrl-C. Ctrl-C at any time stops everything and
 leaves no process.
 
@@ -42,36 +48,56 @@ URL = f"http://{SERVICE}/hello"
 
 # --- one instance of the demo service (runs in a child process) ---------------------------
 def run_instance(etcd: str, name: str, version: str) -> None:
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
     from meshlib import Mesh
+    from meshlib.telemetry import HttpServerRecorder, MeshMetrics
 
     state = {"mode": "ok"}
+    MeshMetrics.default()  # every meshlib family on the process registry, before a scrape
+    recorder = HttpServerRecorder.get()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as mesh clients expect
         disable_nagle_algorithm = True
 
-        def _send(self, status: int, body: bytes) -> None:
+        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
             # head and body in one write (as real servers do): no delayed-ACK stall between
             # them, and a SIGKILL never cuts a response between its head and its body
             self.send_response(status)
-            self.send_header("content-type", "application/json")
+            self.send_header("content-type", ctype)
             self.send_header("content-length", str(len(body)))
             head: list[bytes] = self.__dict__["_headers_buffer"]
             head.append(b"\r\n")
             self.wfile.write(b"".join(head) + body)
             head.clear()
 
+        def _record(self, status: int, route: str | None, start: float) -> None:
+            """The server series (docs/metrics.md), as MeshWSGIMiddleware would record them:
+            route template, never the raw path; the caller from x-mesh-caller."""
+            recorder.request(self.command, status, route, None, time.perf_counter() - start,
+                             caller=self.headers.get("x-mesh-caller") or "")
+
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            if self.path == "/metrics":  # Prometheus scrape: not a request of the service
+                self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                return
+            start = time.perf_counter()
+            route = "/hello" if self.path.split("?")[0] == "/hello" else None
             if state["mode"] == "503":
                 self._send(503, json.dumps({"instance": name, "error": "misbehaving"}).encode())
+                self._record(503, route, start)
                 return
             body = json.dumps({"instance": name, "version": version, "path": self.path})
             self._send(200, body.encode())
+            self._record(200, route, start)
 
         def do_POST(self) -> None:  # noqa: N802  POST /admin/mode/<ok|503>: demo control
+            start = time.perf_counter()
             self.rfile.read(int(self.headers.get("content-length") or 0))
             state["mode"] = self.path.rsplit("/", 1)[-1]
             self._send(200, json.dumps(state).encode())
+            self._record(200, "/admin/mode/{mode}", start)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -161,8 +187,11 @@ def _fmt(counter: collections.Counter[str]) -> str:
 
 
 class Demo:
-    def __init__(self, forever: bool) -> None:
+    def __init__(self, forever: bool, metrics_port: int | None = None,
+                 targets_file: str | None = None) -> None:
         self.forever = forever
+        self.metrics_port = metrics_port
+        self.targets_file = targets_file
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.stop = threading.Event()
         self.traffic = Traffic()
@@ -218,10 +247,23 @@ class Demo:
 
         etcd = EtcdServer().start()
         _say(f"etcd started at {etcd.endpoint}")
-        mesh = Mesh(etcd.endpoint)
+        mesh = Mesh(etcd.endpoint, service="demo-client")
         layout = mesh.layout
+        metrics_server = None
+        if self.metrics_port is not None:
+            from meshlib.telemetry import start_metrics_server
+
+            metrics_server = start_metrics_server(self.metrics_port)
+            _say(f"client metrics at {metrics_server.url}; every instance serves /metrics "
+                 "on its own port")
+            if self.targets_file:
+                _say(f"Prometheus file_sd targets: {self.targets_file} "
+                     "(dashboard: adapters/grafana/meshlib-dashboard.json)")
+                self._write_targets(metrics_server.port, ())
 
         def on_change(service: str, snap: Any) -> None:
+            if metrics_server is not None and self.targets_file:
+                self._write_targets(metrics_server.port, snap.endpoints)
             eps = ", ".join(e.instance_id for e in snap.endpoints)
             pol = snap.policy
             _say(
@@ -317,9 +359,24 @@ class Demo:
                     t.join(5)
             for name in list(self.children):
                 self.stop_instance(name)
+            if metrics_server is not None:
+                metrics_server.close()
             mesh.close()
             etcd.stop()
             _say("all processes stopped")
+
+    def _write_targets(self, client_port: int, endpoints: Any) -> None:
+        """Prometheus ``file_sd_configs`` targets: the client and the live instances (their
+        metrics are on their service port). Written to a temp file and renamed, as
+        Prometheus' file SD docs ask, so a scrape config never reads half a file."""
+        assert self.targets_file is not None
+        groups = [{"targets": [f"127.0.0.1:{client_port}"], "labels": {"job": "demo-client"}},
+                  {"targets": sorted(e.authority for e in endpoints),
+                   "labels": {"job": SERVICE}}]
+        tmp = f"{self.targets_file}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(groups, f, indent=1)
+        os.replace(tmp, self.targets_file)
 
     @staticmethod
     def _ejected(dest: Any, ep: Any) -> bool:
@@ -339,6 +396,12 @@ class Demo:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="meshlib demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve the client's metrics on 127.0.0.1:PORT/metrics (0: any port); "
+                        "instances always serve /metrics on their service port")
+    p.add_argument("--prometheus-targets", metavar="FILE",
+                   help="with --metrics-port: keep FILE up to date as a Prometheus "
+                        "file_sd_configs target list (client + live instances)")
     p.add_argument("--instance", help=argparse.SUPPRESS)
     p.add_argument("--version", default="v1", help=argparse.SUPPRESS)
     p.add_argument("--etcd", help=argparse.SUPPRESS)
@@ -347,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.instance:
         run_instance(args.etcd, args.instance, args.version)
         return 0
-    Demo(args.forever).run()
+    if args.prometheus_targets and args.metrics_port is None:
+        p.error("--prometheus-targets needs --metrics-port")
+    Demo(args.forever, args.metrics_port, args.prometheus_targets).run()
     return 0
 
 
