@@ -12,9 +12,11 @@ What it shows:
   another instance when one fails, under the live policy of ``orders`` in etcd;
 * the gateway registers itself as ``gateway`` and calls as ``Mesh(service="gateway")``, so
   upstreams receive ``x-mesh-caller: gateway``;
-* deadline propagation: a small middleware reads the incoming ``x-mesh-timeout`` header and
-  sets ``meshlib.http.attempt.current_deadline``; calls made while serving the request get the
-  earlier of it and the policy timeout, and pass the remainder on downstream;
+* ``MeshASGIMiddleware``: server metrics under the same conventions (route templates, never
+  raw paths), trace context continued from the caller, the incoming ``x-mesh-timeout``
+  deadline honoured (expired -> 504) and inherited by the calls made while serving the request
+  (they get the earlier of it and the policy timeout and pass the remainder on), and the
+  gateway's own access policy from etcd enforced;
 * mesh failures (``meshlib.http`` errors, subclasses of httpx's) become 503 (or 504 for a
   deadline) with the mesh's message, which names the service and why.
 
@@ -27,20 +29,18 @@ import argparse
 import contextlib
 import os
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from meshlib import Mesh
-from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, Deadline, parse_timeout
 from meshlib.discovery.registration import Registration
 from meshlib.http import DeadlineExceededError, MeshHTTPError
-from meshlib.context import current_deadline
+from meshlib.server import MeshASGIMiddleware
 
 SERVICE = "gateway"
 ORDERS = "http://orders"
@@ -63,18 +63,7 @@ def create_app(mesh: Mesh, register: Callable[[], Registration] | None = None) -
 
     app = FastAPI(title="gateway", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def inherit_deadline(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        seconds, _problem = parse_timeout(request.headers.get(HTTP_TIMEOUT_HEADER))
-        if seconds is None:
-            return await call_next(request)
-        token = current_deadline.set(Deadline(time.monotonic() + seconds))
-        try:
-            return await call_next(request)
-        finally:
-            current_deadline.reset(token)
+    app.add_middleware(MeshASGIMiddleware, mesh=mesh, service=SERVICE)
 
     @app.exception_handler(MeshHTTPError)
     async def mesh_error(_request: Request, exc: MeshHTTPError) -> JSONResponse:

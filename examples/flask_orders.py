@@ -14,8 +14,10 @@ Routes: ``GET /orders/<id>`` (JSON naming the instance that answered), ``POST /o
 SIGTERM: the Mesh revokes its lease, so callers stop routing here at once; after a SIGKILL
 the record disappears when the lease's TTL runs out, and callers' retries cover the gap).
 
-The mesh's deadline arrives in the ``x-mesh-timeout`` header (gRPC ``grpc-timeout`` format);
-the service reports what it received so you can see it.
+The app runs under ``MeshWSGIMiddleware``: server metrics with Flask's route templates,
+trace context continued from the caller, the caller's deadline (``x-mesh-timeout``, gRPC
+``grpc-timeout`` format; expired -> 504) and this service's access policy from etcd. The
+service also reports the deadline and caller it received so you can see them.
 
 Needs ``flask`` (``pip install flask``). Werkzeug's threaded server is used for the example;
 in production run the same ``app`` under any WSGI server and call ``mesh.register`` once
@@ -33,6 +35,7 @@ from werkzeug.serving import make_server
 
 from meshlib import Mesh
 from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, parse_timeout
+from meshlib.server import MeshWSGIMiddleware
 
 SERVICE = "orders"
 
@@ -77,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     instance = args.id or f"orders-{socket.gethostname()}-{args.port}"
     app = create_app(instance, args.version)
-    server = make_server("127.0.0.1", args.port, app, threaded=True)  # bound before registering
-    with Mesh(args.etcd, prefix=args.prefix) as mesh:  # closing deregisters (SIGTERM too)
+    with Mesh(args.etcd, prefix=args.prefix, service=SERVICE) as mesh:  # closing deregisters
+        app.wsgi_app = MeshWSGIMiddleware(app.wsgi_app, mesh)  # type: ignore[method-assign]
+        server = make_server("127.0.0.1", args.port, app, threaded=True)  # bound, then register
         mesh.register(SERVICE, args.port, instance_id=instance, labels={"version": args.version},
                       ttl=5)
         print(f"{instance} ({args.version}) serving on 127.0.0.1:{args.port}", flush=True)
