@@ -93,6 +93,7 @@ class Mesh:
         self._registrations: list[Registration] = []
         self._destinations: dict[str, DestinationState] = {}
         self.breaker_listeners = list(breaker_listeners)
+        self.store.add_listener(self._on_snapshot)
         self._closed = False
         self._default_watch = self._watcher.watch_prefix(
             self.layout.default_policy_key, self._on_default_reset, self._on_default_events
@@ -224,8 +225,20 @@ class Mesh:
                         service, functools.partial(self.snapshot, service), zone=self.zone
                     )
                     dest.breaker_listeners = self.breaker_listeners
+                    self._sync_endpoint_gauges(service, self.snapshot(service))
                     self._destinations[service] = dest
         return dest
+
+    def _sync_endpoint_gauges(self, service: str, snap: ServiceSnapshot) -> None:
+        """Keep the per-state endpoint gauges of a called destination in step with its
+        endpoints (watch thread; not on the call path)."""
+        from meshlib.telemetry.recorders import HttpClientRecorder
+
+        HttpClientRecorder.for_service(service).sync_endpoints(e.key for e in snap.endpoints)
+
+    def _on_snapshot(self, service: str, snap: ServiceSnapshot) -> None:
+        if service in self._destinations:
+            self._sync_endpoint_gauges(service, snap)
 
     def breakers(self, service: str) -> dict[str, Any]:
         """``pybreaker.CircuitBreaker`` mirrors of the endpoints of ``service`` whose breaker

@@ -130,6 +130,7 @@ class _AioCallBase:
         self._span = span
         self._started = started
         self._aspan: Any = None  # the attempt in flight (its span)
+        self._deadline: Any = None  # the call's overall deadline (from the plan)
         self._n = 0
         self._t0 = started
         self._call: Any = None
@@ -154,6 +155,7 @@ class _AioCallBase:
         md = attempt_metadata(self._md, n, aspan)
         cred, wfr, comp = self._extra
         self._aspan, self._n, self._t0 = aspan, n, perf_counter()
+        self._deadline = action.deadline
         self._call = mc(self._request, timeout=action.timeout, metadata=md,
                         credentials=cred, wait_for_ready=wfr, compression=comp)
 
@@ -188,7 +190,9 @@ class _AioCallBase:
         if aspan is not None:
             attempt_aborted(tel.recorder, aspan, self._n, perf_counter() - self._t0, exc)
         if exc is None:
-            call_cancelled(tel, self._span, self._started)
+            dl = self._deadline
+            call_cancelled(tel, self._span, self._started,
+                           dl is not None and dl.expired(self._owner._dest.now()))
         else:
             call_ended(tel, self._span, self._started, None, exc)
 

@@ -292,9 +292,16 @@ def call_ended(tel: RpcTelemetry, span: Any, started: float, end: CallEnd | None
     span.end(status, etype)
 
 
-def call_cancelled(tel: RpcTelemetry, span: Any, started: float) -> None:
-    """The application cancelled the call (``call.cancel()``)."""
+def call_cancelled(tel: RpcTelemetry, span: Any, started: float,
+                   deadline_passed: bool = False) -> None:
+    """The application cancelled the call (``call.cancel()``). When the call's deadline had
+    already passed, the cancellation is the deadline's doing (e.g. an inbound middleware
+    cancelling its handler at the same deadline): recorded as DEADLINE_EXCEEDED."""
     seconds = perf_counter() - started
+    if deadline_passed:
+        tel.method.call(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded", seconds)
+        span.end(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded")
+        return
     tel.method.call(grpc.StatusCode.CANCELLED, None, seconds)
     span.end(grpc.StatusCode.CANCELLED, None)
 

@@ -266,6 +266,20 @@ class ClientRecorder:
                 sh.ejected.discard(endpoint_key)
                 sh.ejected_gauge.dec()
 
+    def sync_endpoints(self, keys: Any) -> None:
+        """The destination's endpoints are now ``keys``: new ones count as ``closed`` in the
+        breaker gauge, departed ones are forgotten (called on every snapshot swap)."""
+        sh = self._shared
+        keep = set(keys)
+        with sh.lock:
+            gone = [k for k in sh.breaker_state if k not in keep]
+            new = [k for k in keep if k not in sh.breaker_state]
+            for k in new:
+                sh.breaker_state[k] = "closed"
+                sh.breaker_gauges["closed"].inc()
+        for k in gone:
+            self.forget_endpoint(k)
+
     def health_event(self, event: Any) -> None:
         """Record a :class:`meshlib.core.health.HealthEvent` (kind, key, reason)."""
         kind = _label(event.kind)

@@ -235,3 +235,24 @@ def test_recorder_serves_as_the_core_call_observer(m: MeshMetrics, reg: Collecto
     assert count(reg, "meshlib_client_breaker_endpoints", server_address="orders",
                  state="open") == 1
     assert count(reg, "meshlib_client_ejected_endpoints", server_address="orders") == 1
+
+
+def test_sync_endpoints_counts_new_endpoints_as_closed_and_forgets_departed():
+    from prometheus_client import CollectorRegistry
+
+    from meshlib.telemetry.metrics import MeshMetrics
+    from meshlib.telemetry.recorders import HttpClientRecorder
+
+    reg = CollectorRegistry()
+    rec = HttpClientRecorder.for_service("gauges", metrics=MeshMetrics(reg))
+
+    def gauge(state):
+        return reg.get_sample_value("meshlib_client_breaker_endpoints",
+                                    {"server_address": "gauges", "state": state})
+
+    rec.sync_endpoints(["a", "b", "c"])
+    assert gauge("closed") == 3 and gauge("open") == 0
+    rec.breaker_transition("a", "open")
+    assert gauge("closed") == 2 and gauge("open") == 1
+    rec.sync_endpoints(["b", "c", "d"])  # a left, d arrived
+    assert gauge("closed") == 3 and gauge("open") == 0
