@@ -18,18 +18,57 @@ zone filter, the balancer (skipping endpoints already tried, ejected or with an 
 breaker), breaker admission, the attempt with ``min(per_try_timeout, remaining deadline)``,
 and the retry decision (``retry_on``, idempotency, attempts, backoff or Retry-After /
 gRPC pushback, deadline, retry budget; gRPC A6 and Finagle budgets).
+
+Hedging (Envoy request hedging, gRPC A6 hedging policy, Finagle backup requests)
+---------------------------------------------------------------------------------
+When ``retries.hedging.enabled``, the call is idempotent with a replayable body, it is not a
+gRPC call (``grpc=True`` never hedges: the gRPC drivers see exactly the protocol above) and
+the target has at least two endpoints, the plan runs in *hedged mode*. Otherwise hedging
+costs one attribute check in the plan per call (and one, ``action.hedge_after``, in the
+driver per attempt; plain attempts read it from the class). In hedged mode:
+
+* an :class:`Attempt` carries ``hedge_after`` (seconds, or ``None``): if no outstanding attempt
+  has finished that long after the action was yielded, the driver sends :data:`HEDGE`. Every
+  action replaces the previous timer;
+* the driver sends each attempt's result as :class:`Done` ``(attempt, result)``, so the plan
+  finishes load and health for the right endpoint;
+* on :data:`HEDGE` the plan answers with another :class:`Attempt` to an endpoint this call has
+  not tried (ring-hash: the next one clockwise), if ``RetryPolicy.may_hedge`` allows it
+  (``max_extra``, deadline, retry budget) and the breaker admits it, recording
+  ``observer.retry("hedge")``; else with :data:`WAIT` (wait for a result, no more timer);
+* the first *final* result (success, or not selected by ``retry_on``) wins: the plan returns
+  a :class:`CallEnd` whose ``cancelled`` lists the attempts still outstanding. The plan has
+  already released their load counts and breaker trial slots (``health.release``: being
+  cancelled is no failure); the driver cancels them and closes their connections;
+* a retryable failure while another copy is still in flight does not end the call: the next
+  hedge is sent at once if one is allowed (gRPC A6 "the next hedged request in line is sent
+  immediately"), else the plan yields :data:`WAIT`. Only when nothing is in flight does the
+  normal retry decision run (backoff :class:`Sleep`, then a new round whose first attempt may
+  hedge again while ``max_extra`` is not used up). Hedges count as attempts (``CallEnd.attempts``,
+  ``retries.attempts`` for a later retry) and each one takes a retry-budget token.
+
+The hedged driver loop::
+
+    action = next(gen)                      # first Attempt with hedge_after set
+    while True:
+        if Sleep:   sleep; action = gen.send(None); continue
+        if Attempt: start it (a task / a pool thread); timer = action.hedge_after
+        if WAIT:    timer = None
+        wait for the first of: an outstanding attempt finishes -> action = gen.send(Done(a, r))
+                               the timer expires              -> action = gen.send(HEDGE)
+    # StopIteration: cancel end.cancelled, close every response but end.result.value
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from meshlib.core.deadline import Deadline
 from meshlib.core.destination import DestinationState, Plan
 from meshlib.core.health import REJECT, HealthEvent
 from meshlib.core.outcome import Outcome
-from meshlib.core.retry import FINISH, Fail
+from meshlib.core.retry import FINISH, CallState, Fail, Retry
 
 _EMPTY: frozenset[str] = frozenset()
 
@@ -48,15 +87,57 @@ class Attempt:
     """Action: send one attempt to ``endpoint`` within ``timeout`` seconds (None = no limit).
 
     ``number`` counts from 1; ``deadline`` is the call's overall deadline (for the
-    propagated timeout header)."""
+    propagated timeout header). ``hedge_after`` (hedged mode only, see the module docstring):
+    send :data:`HEDGE` if no outstanding attempt finished within that many seconds."""
 
     __slots__ = ("endpoint", "timeout", "number", "deadline")
+
+    #: None outside hedged mode: a class attribute, so plain attempts pay nothing for it.
+    hedge_after: float | None = None
 
     def __init__(self, endpoint: Any, timeout: float | None, number: int, deadline: Deadline):
         self.endpoint = endpoint
         self.timeout = timeout
         self.number = number
         self.deadline = deadline
+
+    def __repr__(self) -> str:
+        ep = self.endpoint
+        return (f"Attempt(#{self.number} {getattr(ep, 'key', ep)!r}, timeout={self.timeout!r}, "
+                f"hedge_after={self.hedge_after!r})")
+
+
+class _HedgedAttempt(Attempt):
+    __slots__ = ("hedge_after",)  # shadows the class attribute Attempt.hedge_after
+
+    def __init__(self, endpoint: Any, timeout: float | None, number: int, deadline: Deadline,
+                 hedge_after: float | None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.number = number
+        self.deadline = deadline
+        self.hedge_after = hedge_after
+
+
+class _Signal:
+    """A named singleton (:data:`HEDGE`, :data:`WAIT`)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: Sent by a hedged-mode driver when an action's ``hedge_after`` passed without a result.
+HEDGE: Final = _Signal("HEDGE")
+#: Action (hedged mode): start nothing, wait for the next outstanding attempt, no timer.
+WAIT: Final = _Signal("WAIT")
+
+#: ``CallObserver.retry`` reason of a hedge (``meshlib_client_retries_total{reason="hedge"}``).
+HEDGE_REASON: Final = "hedge"
 
 
 class Sleep:
@@ -93,12 +174,28 @@ class AttemptResult:
         self.grpc_code = grpc_code
 
 
+class Done:
+    """Message (hedged mode): ``attempt`` (the :class:`Attempt` action) ended with ``result``."""
+
+    __slots__ = ("attempt", "result")
+
+    def __init__(self, attempt: Attempt, result: AttemptResult):
+        self.attempt = attempt
+        self.result = result
+
+
 class CallEnd:
     """How the call ended: the last attempt's ``result`` (None if no attempt was made),
     a mesh ``failure`` kind with ``message`` (None when the last result stands), the
-    reason a wanted retry was refused (``stopped``), and ``attempts`` made."""
+    reason a wanted retry was refused (``stopped``), and ``attempts`` made.
+
+    ``cancelled`` (hedged mode): the attempts still outstanding when the winner arrived; the
+    driver cancels them. Their load and breaker slots are already released."""
 
     __slots__ = ("result", "failure", "message", "stopped", "attempts", "status")
+
+    #: Outside hedged mode every end has no cancelled attempts (a class attribute: free).
+    cancelled: tuple[Attempt, ...] = ()
 
     def __init__(
         self,
@@ -132,8 +229,15 @@ class CallObserver:
 
 NULL_OBSERVER: Final = CallObserver()
 
+class _HedgedEnd(CallEnd):
+    __slots__ = ("cancelled",)  # shadows the class attribute CallEnd.cancelled
+
+
 Action = Attempt | Sleep
 CallGen = Generator[Action, "AttemptResult | None", CallEnd]
+#: What a hedged-mode driver really talks to (``run_call`` is typed as the non-hedged
+#: :data:`CallGen` so drivers that never hedge, such as gRPC's, keep their types).
+HedgedCallGen = Generator["Attempt | Sleep | _Signal", "Done | _Signal | None", CallEnd]
 
 
 def run_call(
@@ -192,8 +296,13 @@ def run_call(
             has_idempotency_key() if has_idempotency_key is not None and not grpc
             and method not in plan.retry.methods else False
         )
-        state = plan.retry.new_call(method, has_idempotency_key=idem_key, replayable=replayable,
-                                    grpc=grpc, now=t, deadline=deadline)
+        retry = plan.retry
+        state = retry.new_call(method, has_idempotency_key=idem_key, replayable=replayable,
+                               grpc=grpc, now=t, deadline=deadline)
+        if retry.hedging.enabled and not grpc and state.idempotent and state.replayable \
+                and len(candidates_all) > 1:
+            return (yield from cast(CallGen, _run_hedged(dest, plan, state, candidates_all,
+                                                         hash_key, observer, t)))
         result: AttemptResult | None = None
         health = dest.health
         stats = dest.stats
@@ -228,7 +337,7 @@ def run_call(
             state.begin_attempt(ep.key)
             start = stats.start(ep)
             try:
-                result = yield Attempt(ep, plan.retry.attempt_timeout(state, t),
+                result = yield Attempt(ep, retry.attempt_timeout(state, t),
                                        state.attempt, state.deadline)
             except BaseException:  # cancelled mid-attempt: free the trial slot and the load
                 t = now()
@@ -243,8 +352,8 @@ def run_call(
             if events:
                 observer.health(events)
                 dest.on_health(events)
-            d = plan.retry.decide(state, outcome, result.status, result.retry_after_s, t,
-                                  grpc_code=result.grpc_code, pushback_s=result.pushback_s)
+            d = retry.decide(state, outcome, result.status, result.retry_after_s, t,
+                             grpc_code=result.grpc_code, pushback_s=result.pushback_s)
             if d is FINISH:
                 return CallEnd(result, state.attempt)
             if isinstance(d, Fail):
@@ -260,6 +369,147 @@ def run_call(
                 t = now()
     finally:
         dest.release()
+
+
+def _run_hedged(
+    dest: DestinationState,
+    plan: Plan,
+    state: CallState,
+    candidates_all: tuple[Any, ...],
+    hash_key: str | None,
+    observer: CallObserver,
+    t: float,
+) -> HedgedCallGen:
+    """The attempt loop of a hedged call (see "Hedging" in the module docstring).
+
+    A *round* is a first attempt plus its hedges; it ends with a final result (the call
+    ends), or with every copy failed retryably (the normal retry decision, then the next
+    round). ``inflight`` maps each outstanding :class:`Attempt` to its endpoint, load start
+    time and breaker admission; whatever is still in it when the generator ends (winner
+    found, call failed, generator closed by a cancelled caller) is released without a
+    health penalty."""
+    now = dest.now
+    service = dest.service
+    health = dest.health
+    stats = dest.stats
+    balancer = plan.balancer
+    zones = plan.zones
+    retry = plan.retry
+    max_extra = retry.hedging.max_extra
+    delay = retry.hedging.delay_s
+    inflight: dict[Attempt, tuple[Any, float, int]] = {}
+
+    def start(ep: Any, admission: int, t: float) -> Attempt:
+        state.begin_attempt(ep.key)
+        a = _HedgedAttempt(ep, retry.attempt_timeout(state, t), state.attempt, state.deadline,
+                           delay if state.hedges < max_extra else None)
+        inflight[a] = (ep, stats.start(ep), admission)
+        return a
+
+    def hedge(t: float) -> Attempt | None:
+        """One more copy to an untried endpoint, if allowed now; else None."""
+        if state.hedges >= max_extra or state.deadline.expired(t):
+            return None
+        candidates = zones.select(candidates_all, t)
+        ep = balancer.pick(candidates, state.tried, hash_key, t)
+        if ep is None and candidates is not candidates_all:
+            ep = balancer.pick(candidates_all, state.tried, hash_key, t)
+        if ep is None:
+            return None  # every usable endpoint is already working on this call
+        admission = health.admit(ep, t)
+        if admission == REJECT:
+            return None
+        if not retry.may_hedge(state, t):  # max_extra, deadline, retry budget (takes a token)
+            _released(dest, observer, health.release(ep, admission, t))
+            return None
+        observer.retry(HEDGE_REASON)
+        return start(ep, admission, t)
+
+    result: AttemptResult | None = None
+    rejects = 0
+    try:
+        while True:  # one round per iteration
+            if state.deadline.expired(t):
+                return CallEnd(result, state.attempt, FailureKind.DEADLINE,
+                               f"service {service!r}: deadline exceeded after "
+                               f"{state.attempt} attempt(s)")
+            candidates = zones.select(candidates_all, t)
+            ep = balancer.pick(candidates, state.tried, hash_key, t)
+            if ep is None and candidates is not candidates_all:
+                ep = balancer.pick(candidates_all, state.tried, hash_key, t)
+            if ep is None and state.tried:
+                ep = balancer.pick(candidates, _EMPTY, hash_key, t)
+            if ep is None and candidates is not candidates_all:
+                ep = balancer.pick(candidates_all, _EMPTY, hash_key, t)
+            if ep is None:
+                return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
+                               f"service {service!r}: all {len(candidates_all)} endpoint(s) "
+                               "are ejected or have an open circuit breaker")
+            admission = health.admit(ep, t)
+            if admission == REJECT:
+                rejects += 1
+                if rejects > len(candidates_all):
+                    return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
+                                   f"service {service!r}: circuit breakers refused every "
+                                   "endpoint")
+                continue
+            msg = yield start(ep, admission, t)
+            while True:  # until this round's copies have all answered (or one won)
+                if msg is HEDGE:
+                    a = hedge(now())
+                    msg = yield (WAIT if a is None else a)
+                    continue
+                if not isinstance(msg, Done):
+                    raise TypeError(f"service {service!r}: hedged call plan expected Done or "
+                                    f"HEDGE from the driver, got {msg!r}")
+                ep, started, admission = inflight.pop(msg.attempt)
+                result = msg.result
+                t = now()
+                outcome = result.outcome
+                stats.finish(ep, started, t, outcome is Outcome.SUCCESS)
+                events = health.record(ep, outcome, admission, t)
+                if events:
+                    observer.health(events)
+                    dest.on_health(events)
+                if outcome is Outcome.SUCCESS or not retry.is_retryable(
+                        state, outcome, result.status, result.grpc_code):
+                    end = _HedgedEnd(result, state.attempt)
+                    end.cancelled = tuple(inflight)
+                    return end
+                if inflight:  # another copy may still answer: hedge now (gRPC A6) or wait
+                    a = hedge(t)
+                    msg = yield (WAIT if a is None else a)
+                    continue
+                break
+            d = retry.decide(state, outcome, result.status, result.retry_after_s, t,
+                             grpc_code=result.grpc_code, pushback_s=result.pushback_s)
+            if isinstance(d, Fail):
+                observer.stopped(d.reason)
+                if d.reason == "deadline_exceeded" and result.status is None:
+                    return CallEnd(result, state.attempt, FailureKind.DEADLINE,
+                                   f"service {service!r}: deadline exceeded after "
+                                   f"{state.attempt} attempt(s)", stopped=d.reason)
+                return CallEnd(result, state.attempt, stopped=d.reason)
+            if not isinstance(d, Retry):  # FINISH (is_retryable said otherwise just above)
+                return CallEnd(result, state.attempt)
+            observer.retry(outcome.value)
+            if d.delay_s > 0:
+                yield Sleep(d.delay_s, "backoff")
+            t = now()
+    finally:
+        if inflight:  # losers, or everything if the caller went away: no health penalty
+            t = now()
+            for ep, started, admission in inflight.values():
+                stats.finish(ep, started, t, False)
+                _released(dest, observer, health.release(ep, admission, t))
+            inflight.clear()
+
+
+def _released(dest: DestinationState, observer: CallObserver,
+              events: tuple[HealthEvent, ...]) -> None:
+    if events:
+        observer.health(events)
+        dest.on_health(events)
 
 
 def _no_header(_name: str) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from time import perf_counter
-from typing import Any
+from typing import Any, Final
 
 import httpx
 
@@ -104,6 +104,18 @@ def record_attempt(recorder: Any, span: Any, number: int, result: AttemptResult,
     span.end(status, None if status is not None else error_type_of(result.value))
 
 
+#: ``error.type`` of an attempt span abandoned because another hedged copy won.
+HEDGE_CANCELLED: Final = "cancelled"
+
+
+def record_cancelled(recorder: Any, span: Any, number: int, seconds: float) -> None:
+    """An attempt abandoned because another hedged copy won (or the caller went away): its
+    series gets outcome ``local`` (cancelled; never held against the endpoint) and its span
+    ``error.type`` :data:`HEDGE_CANCELLED`."""
+    recorder.attempt(number, Outcome.LOCAL, seconds)
+    span.end(None, HEDGE_CANCELLED)
+
+
 def finish(request: httpx.Request, route: Any, end: CallEnd, span: Any,
            started: float) -> httpx.Response:
     """Record the logical request, then return its response or raise its error."""
@@ -172,3 +184,10 @@ async def adiscard(value: Any) -> None:
         with contextlib.suppress(httpx.HTTPError):
             await value.aread()
         await value.aclose()
+
+
+def close_unread(value: Any) -> None:
+    """Close a sync response without reading it (a hedged loser: drop its connection)."""
+    if isinstance(value, httpx.Response):
+        with contextlib.suppress(httpx.HTTPError):
+            value.close()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -191,7 +191,10 @@ class SyncPool:
         headers: list[tuple[bytes, bytes]],
         stream: Any,
         timeouts: dict[str, float | None] | None,
+        on_connection: Callable[[_SyncConn], None] | None = None,
     ) -> httpx.Response:
+        """Send one request; ``on_connection`` (hedged calls) is handed the connection
+        before the exchange so that another thread can cancel it (``conn.close()``)."""
         key = (host, port)
         t = timeouts or {}
         conn = None
@@ -208,6 +211,8 @@ class SyncPool:
         if conn is None:
             conn = self._connect(key, t.get("connect"))
         try:
+            if on_connection is not None:
+                on_connection(conn)
             return self._exchange(conn, method, target, headers, stream, t)
         except BaseException:
             conn.close()
