@@ -299,7 +299,7 @@ def run_call(
         retry = plan.retry
         state = retry.new_call(method, has_idempotency_key=idem_key, replayable=replayable,
                                grpc=grpc, now=t, deadline=deadline)
-        if retry.hedging.enabled and not grpc and state.idempotent and state.replayable \
+        if plan.hedging and not grpc and state.idempotent and state.replayable \
                 and len(candidates_all) > 1:
             return (yield from cast(CallGen, _run_hedged(dest, plan, state, candidates_all,
                                                          hash_key, observer, t)))
@@ -307,13 +307,14 @@ def run_call(
         health = dest.health
         stats = dest.stats
         balancer = plan.balancer
+        zoned = plan.zoned
         rejects = 0
         while True:
             if state.deadline.expired(t):
                 return CallEnd(result, state.attempt, FailureKind.DEADLINE,
                                f"service {service!r}: deadline exceeded after "
                                f"{state.attempt} attempt(s)")
-            candidates = plan.zones.select(candidates_all, t)
+            candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
             ep = balancer.pick(candidates, state.tried, hash_key, t)
             if ep is None and candidates is not candidates_all:
                 # an untried endpoint in another zone beats retrying a failed local one

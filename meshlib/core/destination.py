@@ -53,7 +53,8 @@ class Plan:
 
     __slots__ = (
         "snapshot", "policy", "balancer", "router", "zones", "retry", "faults",
-        "max_requests", "hash_source", "has_header_routes", "endpoint_count",
+        "max_requests", "hash_source", "has_header_routes", "endpoint_count", "zoned",
+        "hedging",
     )
 
     def __init__(self, dest: DestinationState, snap: ServiceSnapshot) -> None:
@@ -87,6 +88,8 @@ class Plan:
         )
         self.has_header_routes = bool(policy.routes)
         self.endpoint_count = len(snap.endpoints)
+        self.zoned = self.zones.enabled  # False: skip the zone filter on the call path
+        self.hedging = bool(self.retry.hedging.enabled)
 
 
 class DestinationState:
