@@ -36,6 +36,7 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m ruff check meshlib tests bench examples
+	$(BIN)/python -m mypy meshlib
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -62,7 +62,7 @@ The hedged driver loop::
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 from meshlib.core.deadline import Deadline
 from meshlib.core.destination import DestinationState, Plan
@@ -214,8 +214,8 @@ class CallEnd:
         self.status = status
 
 
-class CallObserver:
-    """Hooks for telemetry; the default does nothing. Drivers pass a recorder."""
+class CallObserver(Protocol):
+    """Hooks for telemetry (a structural type: the telemetry recorders implement it)."""
 
     def retry(self, reason: str) -> None:
         """A retry was decided after an attempt that ended with ``reason`` (outcome name)."""
@@ -227,7 +227,20 @@ class CallObserver:
         """Breaker / outlier state changes."""
 
 
-NULL_OBSERVER: Final = CallObserver()
+class _NullObserver:
+    """The observer that records nothing."""
+
+    def retry(self, reason: str) -> None:
+        pass
+
+    def stopped(self, reason: str) -> None:
+        pass
+
+    def health(self, events: tuple[HealthEvent, ...]) -> None:
+        pass
+
+
+NULL_OBSERVER: Final[CallObserver] = _NullObserver()
 
 class _HedgedEnd(CallEnd):
     __slots__ = ("cancelled",)  # shadows the class attribute CallEnd.cancelled
@@ -365,8 +378,9 @@ def run_call(
                                    f"{state.attempt} attempt(s)", stopped=d.reason)
                 return CallEnd(result, state.attempt, stopped=d.reason)
             observer.retry(outcome.value)
-            if d.delay_s > 0:
-                yield Sleep(d.delay_s, "backoff")
+            delay = cast(Retry, d).delay_s
+            if delay > 0:
+                yield Sleep(delay, "backoff")
                 t = now()
     finally:
         dest.release()

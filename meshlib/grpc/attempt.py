@@ -159,9 +159,9 @@ def end_error(end: CallEnd, service: str, *, aio: bool) -> BaseException | None:
         return exc
     result = end.result
     assert result is not None
-    value: Any = result.value
-    if not isinstance(value, BaseException):
+    if not isinstance(result.value, BaseException):
         return None
+    value: Any = result.value
     if end.stopped == "budget_exhausted" and hasattr(value, "code"):
         code = value.code()
         exc = mesh_error(

@@ -626,8 +626,9 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
 
     def result(self, timeout: float | None = None) -> Any:
         s: Any = self._settled()
-        if s is self._error:
-            raise s
+        err = self._error
+        if err is not None and s is err:
+            raise err
         return s.result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -636,7 +637,8 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
 
     def traceback(self, timeout: float | None = None) -> Any:
         s: Any = self._settled()
-        return s.__traceback__ if s is self._error else s.traceback(timeout)
+        err = self._error
+        return err.__traceback__ if err is not None and s is err else s.traceback(timeout)
 
     def add_done_callback(self, fn: Any) -> None:
         if self._error is not None:

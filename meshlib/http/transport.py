@@ -61,7 +61,6 @@ from meshlib.http.attempt import (
 )
 from meshlib.http.connections import AsyncPool, SyncPool, _SyncConn
 from meshlib.http.errors import NotAMeshServiceError, UnsupportedSchemeError
-from meshlib.telemetry.recorders import HttpClientRecorder
 from meshlib.telemetry.tracing import start_http_call
 
 if TYPE_CHECKING:
@@ -79,7 +78,7 @@ class _Route:
 
     __slots__ = ("dest", "recorder", "service")
 
-    def __init__(self, dest: DestinationState, recorder: HttpClientRecorder) -> None:
+    def __init__(self, dest: DestinationState, recorder: Any) -> None:
         self.dest = dest
         self.recorder = recorder
         self.service = dest.service

@@ -27,19 +27,23 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.metrics import MetricWrapperBase
 
 from meshlib.telemetry import semconv
+from meshlib.telemetry.fasthist import FastHistogram
 from meshlib.telemetry.semconv import Family
 
 
 def make_family(spec: Family, registry: CollectorRegistry | None = REGISTRY) -> Any:
-    """Create the prometheus_client family for ``spec`` on ``registry``."""
+    """Create the family for ``spec`` on ``registry``: a prometheus_client ``Counter`` or
+    ``Gauge``; histograms (all of them per-call durations) are a
+    :class:`~meshlib.telemetry.fasthist.FastHistogram`, which exports the same series as
+    ``prometheus_client.Histogram`` at a fraction of the cost per observation."""
     labels = list(spec.labels)
     if spec.kind == "counter":
         return Counter(spec.name, spec.help, labels, registry=registry)
     if spec.kind == "gauge":
         return Gauge(spec.name, spec.help, labels, registry=registry)
     if spec.kind == "histogram":
-        return Histogram(spec.name, spec.help, labels, registry=registry,
-                         buckets=spec.buckets or Histogram.DEFAULT_BUCKETS)
+        return FastHistogram(spec.name, spec.help, labels,
+                             spec.buckets or Histogram.DEFAULT_BUCKETS, registry=registry)
     raise ValueError(f"metric family {spec.name!r}: unknown kind {spec.kind!r}")
 
 
