@@ -73,9 +73,13 @@ class HistogramChild:
     def observe(self, amount: float) -> None:
         """Record one observation (seconds)."""
         i = bisect_left(self._bounds, amount)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # explicit acquire/release: half the cost of ``with`` in CPython 3.11
+        try:
             self._counts[i] += 1
             self._sum += amount
+        finally:
+            lock.release()
 
     def snapshot(self) -> tuple[list[int], float]:
         """A consistent copy of (non-cumulative bucket counts, sum)."""
@@ -168,9 +172,9 @@ class FastHistogram:
         has_sum = self.bounds[0] >= 0  # as prometheus_client: no _sum with negative buckets
         for key, child in children:
             counts, sum_ = child.snapshot()
-            base = dict(zip(names, key))
+            base = dict(zip(names, key, strict=True))
             acc = 0.0
-            for le, n in zip(les, counts):
+            for le, n in zip(les, counts, strict=True):
                 acc += n
                 out.append(Sample(bucket, {**base, "le": le}, acc))
             out.append(Sample(count, dict(base), acc))
