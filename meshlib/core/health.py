@@ -93,6 +93,7 @@ FIRST_TRIAL: Final = 3  # a trial call whose admission moved the breaker to half
 
 _INF = math.inf
 _NO_EVENTS: tuple[HealthEvent, ...] = ()
+_SUCCESS = Outcome.SUCCESS
 
 
 class EventKind(enum.Enum):
@@ -392,6 +393,9 @@ class HealthRegistry:
         s = self._slots.get(_key(ep))
         if s is None or admission == REJECT:
             return _NO_EVENTS
+        if (outcome is _SUCCESS and admission == ADMIT and not s.ejecting
+                and not (s.failures or s.c5xx or s.cgw or s.skip_reported)):
+            return _NO_EVENTS  # the common case: a healthy endpoint stays healthy
         events: list[HealthEvent] | None = None
         if s.ejecting and s.ejected_until <= now:
             ev = self._finish_ejection(s, now)
