@@ -26,12 +26,10 @@ import grpc
 import grpc.aio
 from grpc.aio import AioRpcError
 
-from meshlib.core.call import AttemptResult, CallEnd, CallGen, CallObserver, Sleep
+from meshlib.core.call import AttemptResult, CallEnd, CallGen, Sleep
 from meshlib.core.outcome import Outcome
 from meshlib.grpc.attempt import (
-    CALLER_KEY,
     OK_RESULT,
-    RpcTelemetry,
     attempt_aborted,
     attempt_ended,
     attempt_metadata,
@@ -44,50 +42,18 @@ from meshlib.grpc.attempt import (
     start_call,
     stream_ended,
 )
-from meshlib.grpc.pool import ChannelPool
+from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    pass
 
 _EOF = grpc.aio.EOF
 _SUCCESS = Outcome.SUCCESS
 _sleep = asyncio.sleep
 
 
-class _AioMultiCallable:
-    __slots__ = ("_ch", "_dest", "_pool", "_kind", "_method", "_ser", "_deser", "_kw",
-                 "_mcs", "_gen", "_service", "_observer", "_extra", "_replayable", "_tel")
-
-    def __init__(self, ch: AioMeshChannel, kind: str, method: str, ser: Any, deser: Any,
-                 kwargs: dict[str, Any], replayable: bool) -> None:
-        self._ch = ch
-        self._dest = ch._dest
-        self._pool = ch._pool
-        self._kind = kind
-        self._method = method if isinstance(method, str) else method.decode()
-        self._ser = ser
-        self._deser = deser
-        self._kw = kwargs
-        self._mcs: dict[str, Any] = {}
-        self._gen = -1
-        self._service = ch.service
-        self._observer = ch._observer
-        self._extra = ch._extra
-        self._replayable = replayable
-        self._tel = RpcTelemetry(ch._recorder, ch.service, self._method)
-
-    def _mc(self, ep: Any) -> Any:
-        pool = self._pool
-        mcs = self._mcs
-        if pool.generation != self._gen:
-            mcs = self._mcs = {}
-            self._gen = pool.generation
-        mc = mcs.get(ep.key)
-        if mc is None:
-            factory = getattr(pool.channel(ep), self._kind)
-            mc = mcs[ep.key] = factory(self._method, request_serializer=self._ser,
-                                       response_deserializer=self._deser, **self._kw)
-        return mc
+class _AioMultiCallable(MultiCallableBase):
+    __slots__ = ()
 
     def __call__(self, request: Any = None, *, timeout: float | None = None,
                  metadata: Any = None, credentials: Any = None,
@@ -465,65 +431,17 @@ class _AioStreamCall(_AioCallBase):
         return call is not None and bool(call.cancel())
 
 
-class AioMeshChannel(grpc.aio.Channel):
+class AioMeshChannel(MeshChannelBase, grpc.aio.Channel):
     """A ``grpc.aio.Channel`` to one mesh service (``mesh.aio_grpc_channel("orders")``).
 
     Create and use it on one event loop (grpc.aio channels belong to the loop that created
     them). Options as for :class:`meshlib.grpc.channel.MeshChannel`."""
 
-    def __init__(
-        self,
-        mesh: Mesh,
-        service: str,
-        *,
-        options: Any = None,
-        compression: grpc.Compression | None = None,
-        observer: CallObserver | None = None,
-        drain_timeout: float = 30.0,
-        health_check: bool = True,
-    ) -> None:
-        self.service = service
-        self._dest = mesh.destination(service)
-        self._pool = ChannelPool(mesh, service, options=options, compression=compression,
-                                 aio=True, drain_timeout=drain_timeout)
-        self._recorder = mesh.call_observer("grpc", service)
-        self._observer = observer or self._recorder
-        self._extra: tuple[tuple[str, str], ...] = (
-            ((CALLER_KEY, mesh.service),) if mesh.service else ()
-        )
-        self._health: Any = None
-        if health_check:
-            from meshlib.grpc.health import HealthMonitor
-
-            self._health = HealthMonitor.for_destination(mesh, self._dest, options=options)
-
-    @property
-    def destination(self) -> Any:
-        return self._dest
-
-    @property
-    def pool(self) -> ChannelPool:
-        return self._pool
-
-    def unary_unary(self, method: str, request_serializer: Any = None,
-                    response_deserializer: Any = None, **kwargs: Any) -> UnaryUnary:
-        return UnaryUnary(self, "unary_unary", method, request_serializer,
-                          response_deserializer, kwargs, True)
-
-    def unary_stream(self, method: str, request_serializer: Any = None,
-                     response_deserializer: Any = None, **kwargs: Any) -> UnaryStream:
-        return UnaryStream(self, "unary_stream", method, request_serializer,
-                           response_deserializer, kwargs, True)
-
-    def stream_unary(self, method: str, request_serializer: Any = None,
-                     response_deserializer: Any = None, **kwargs: Any) -> StreamUnary:
-        return StreamUnary(self, "stream_unary", method, request_serializer,
-                           response_deserializer, kwargs, False)
-
-    def stream_stream(self, method: str, request_serializer: Any = None,
-                      response_deserializer: Any = None, **kwargs: Any) -> StreamStream:
-        return StreamStream(self, "stream_stream", method, request_serializer,
-                            response_deserializer, kwargs, False)
+    _AIO = True
+    _UNARY_UNARY = UnaryUnary
+    _UNARY_STREAM = UnaryStream
+    _STREAM_UNARY = StreamUnary
+    _STREAM_STREAM = StreamStream
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """READY when the service has endpoints, else IDLE (per-endpoint channels connect
@@ -539,9 +457,7 @@ class AioMeshChannel(grpc.aio.Channel):
         await self.wait_for_state_change(grpc.ChannelConnectivity.IDLE)
 
     async def close(self, grace: float | None = None) -> None:
-        if self._health is not None:
-            self._health.release()
-            self._health = None
+        self._release_health()
         await self._pool.aclose(grace)
 
     async def __aenter__(self) -> AioMeshChannel:

@@ -38,12 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshlib.core.call import AttemptResult, CallEnd, CallGen, CallObserver, Sleep
+from meshlib.core.call import AttemptResult, CallEnd, CallGen, Sleep
 from meshlib.core.outcome import Outcome
 from meshlib.grpc.attempt import (
-    CALLER_KEY,
     OK_RESULT,
-    RpcTelemetry,
     attempt_aborted,
     attempt_ended,
     attempt_metadata,
@@ -54,65 +52,21 @@ from meshlib.grpc.attempt import (
     ok_result,
     result_from_code,
     result_from_error,
-    start_call,
     stream_ended,
 )
-from meshlib.grpc.pool import ChannelPool
+from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    pass
 
 _sleep = time.sleep
 _SUCCESS = Outcome.SUCCESS
 
 
-class _MultiCallable:
-    """Shared state of one method's multicallable: the endpoint-callable cache."""
-
-    __slots__ = ("_ch", "_dest", "_pool", "_kind", "_method", "_ser", "_deser", "_kw",
-                 "_mcs", "_gen", "_service", "_observer", "_extra", "_replayable", "_tel")
-
-    def __init__(self, ch: MeshChannel, kind: str, method: str, ser: Any, deser: Any,
-                 kwargs: dict[str, Any], replayable: bool) -> None:
-        self._ch = ch
-        self._dest = ch._dest
-        self._pool = ch._pool
-        self._kind = kind
-        self._method = method if isinstance(method, str) else method.decode()
-        self._ser = ser
-        self._deser = deser
-        self._kw = kwargs
-        self._mcs: dict[str, Any] = {}
-        self._gen = -1
-        self._service = ch.service
-        self._observer = ch._observer
-        self._extra = ch._extra
-        self._replayable = replayable
-        self._tel = RpcTelemetry(ch._recorder, ch.service, self._method)
-
-    def _mc(self, ep: Any) -> Any:
-        """The picked endpoint's own grpcio multicallable (cached)."""
-        pool = self._pool
-        mcs = self._mcs
-        if pool.generation != self._gen:
-            mcs = self._mcs = {}
-            self._gen = pool.generation
-        mc = mcs.get(ep.key)
-        if mc is None:
-            factory = getattr(pool.channel(ep), self._kind)
-            mc = mcs[ep.key] = factory(self._method, request_serializer=self._ser,
-                                       response_deserializer=self._deser, **self._kw)
-        return mc
-
-    def _start(self, metadata: Any, timeout: float | None) -> CallGen:
-        return start_call(self._dest, self._method, metadata, timeout, self._replayable,
-                          self._observer)
-
-
 # --------------------------------------------------------------------------- unary response
 
 
-class _UnaryResponse(_MultiCallable):
+class _UnaryResponse(MultiCallableBase):
     """unary-unary and stream-unary (the latter with ``replayable=False``)."""
 
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
@@ -409,7 +363,7 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
 # --------------------------------------------------------------------------- stream response
 
 
-class _StreamResponse(_MultiCallable):
+class _StreamResponse(MultiCallableBase):
     """unary-stream and stream-stream (the latter with ``replayable=False``)."""
 
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
@@ -650,7 +604,7 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
 # --------------------------------------------------------------------------- the channel
 
 
-class MeshChannel(grpc.Channel):
+class MeshChannel(MeshChannelBase, grpc.Channel):
     """A ``grpc.Channel`` to one mesh service (``mesh.grpc_channel("orders")``).
 
     ``options`` are grpcio channel arguments for every per-endpoint channel (grpcio retries
@@ -658,59 +612,10 @@ class MeshChannel(grpc.Channel):
     open for calls in flight; ``health_check`` enables ``grpc.health.v1`` checks when the
     service's policy has ``health_check.enabled``."""
 
-    def __init__(
-        self,
-        mesh: Mesh,
-        service: str,
-        *,
-        options: Any = None,
-        compression: grpc.Compression | None = None,
-        observer: CallObserver | None = None,
-        drain_timeout: float = 30.0,
-        health_check: bool = True,
-    ) -> None:
-        self.service = service
-        self._dest = mesh.destination(service)
-        self._pool = ChannelPool(mesh, service, options=options, compression=compression,
-                                 drain_timeout=drain_timeout)
-        self._recorder = mesh.call_observer("grpc", service)
-        self._observer = observer or self._recorder
-        self._extra: tuple[tuple[str, str], ...] = (
-            ((CALLER_KEY, mesh.service),) if mesh.service else ()
-        )
-        self._health: Any = None
-        if health_check:
-            from meshlib.grpc.health import HealthMonitor
-
-            self._health = HealthMonitor.for_destination(mesh, self._dest, options=options)
-
-    @property
-    def destination(self) -> Any:
-        return self._dest
-
-    @property
-    def pool(self) -> ChannelPool:
-        return self._pool
-
-    def unary_unary(self, method: str, request_serializer: Any = None,
-                    response_deserializer: Any = None, **kwargs: Any) -> UnaryUnary:
-        return UnaryUnary(self, "unary_unary", method, request_serializer,
-                          response_deserializer, kwargs, True)
-
-    def unary_stream(self, method: str, request_serializer: Any = None,
-                     response_deserializer: Any = None, **kwargs: Any) -> UnaryStream:
-        return UnaryStream(self, "unary_stream", method, request_serializer,
-                           response_deserializer, kwargs, True)
-
-    def stream_unary(self, method: str, request_serializer: Any = None,
-                     response_deserializer: Any = None, **kwargs: Any) -> StreamUnary:
-        return StreamUnary(self, "stream_unary", method, request_serializer,
-                           response_deserializer, kwargs, False)
-
-    def stream_stream(self, method: str, request_serializer: Any = None,
-                      response_deserializer: Any = None, **kwargs: Any) -> StreamStream:
-        return StreamStream(self, "stream_stream", method, request_serializer,
-                            response_deserializer, kwargs, False)
+    _UNARY_UNARY = UnaryUnary
+    _UNARY_STREAM = UnaryStream
+    _STREAM_UNARY = StreamUnary
+    _STREAM_STREAM = StreamStream
 
     def subscribe(self, callback: Any, try_to_connect: bool = False) -> None:
         """Connectivity of a mesh channel is per endpoint; subscribing is accepted and ignored
@@ -720,9 +625,7 @@ class MeshChannel(grpc.Channel):
         """See :meth:`subscribe`."""
 
     def close(self) -> None:
-        if self._health is not None:
-            self._health.release()
-            self._health = None
+        self._release_health()
         self._pool.close()
 
     def __enter__(self) -> MeshChannel:
