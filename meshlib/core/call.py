@@ -329,24 +329,16 @@ def run_call(
                                f"{state.attempt} attempt(s)")
             candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
             ep = balancer.pick(candidates, state.tried, hash_key, t)
-            if ep is None and candidates is not candidates_all:
-                # an untried endpoint in another zone beats retrying a failed local one
-                ep = balancer.pick(candidates_all, state.tried, hash_key, t)
-            if ep is None and state.tried:
-                ep = balancer.pick(candidates, _EMPTY, hash_key, t)  # reuse beats failing
-            if ep is None and candidates is not candidates_all:
-                ep = balancer.pick(candidates_all, _EMPTY, hash_key, t)
             if ep is None:
-                return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
-                               f"service {service!r}: all {len(candidates_all)} endpoint(s) "
-                               "are ejected or have an open circuit breaker")
+                ep = _fallback_pick(balancer, candidates, candidates_all, state.tried,
+                                    hash_key, t)
+                if ep is None:
+                    return _all_blocked(service, result, state, candidates_all)
             admission = health.admit(ep, t)
             if admission == REJECT:
                 rejects += 1
                 if rejects > len(candidates_all):
-                    return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
-                                   f"service {service!r}: circuit breakers refused every "
-                                   "endpoint")
+                    return _all_refused(service, result, state)
                 continue
             state.begin_attempt(ep.key)
             start = stats.start(ep)
@@ -450,23 +442,16 @@ def _run_hedged(
                                f"{state.attempt} attempt(s)")
             candidates = zones.select(candidates_all, t)
             ep = balancer.pick(candidates, state.tried, hash_key, t)
-            if ep is None and candidates is not candidates_all:
-                ep = balancer.pick(candidates_all, state.tried, hash_key, t)
-            if ep is None and state.tried:
-                ep = balancer.pick(candidates, _EMPTY, hash_key, t)
-            if ep is None and candidates is not candidates_all:
-                ep = balancer.pick(candidates_all, _EMPTY, hash_key, t)
             if ep is None:
-                return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
-                               f"service {service!r}: all {len(candidates_all)} endpoint(s) "
-                               "are ejected or have an open circuit breaker")
+                ep = _fallback_pick(balancer, candidates, candidates_all, state.tried,
+                                    hash_key, t)
+                if ep is None:
+                    return _all_blocked(service, result, state, candidates_all)
             admission = health.admit(ep, t)
             if admission == REJECT:
                 rejects += 1
                 if rejects > len(candidates_all):
-                    return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
-                                   f"service {service!r}: circuit breakers refused every "
-                                   "endpoint")
+                    return _all_refused(service, result, state)
                 continue
             msg = yield start(ep, admission, t)
             while True:  # until this round's copies have all answered (or one won)
@@ -525,6 +510,32 @@ def _released(dest: DestinationState, observer: CallObserver,
     if events:
         observer.health(events)
         dest.on_health(events)
+
+
+def _fallback_pick(balancer: Any, candidates: tuple[Any, ...], candidates_all: tuple[Any, ...],
+                   tried: set[str], hash_key: str | None, t: float) -> Any:
+    """When the first pick found nothing: an untried endpoint in another zone beats
+    retrying a failed local one; then reusing a tried endpoint beats failing."""
+    ep = None
+    if candidates is not candidates_all:
+        ep = balancer.pick(candidates_all, tried, hash_key, t)
+    if ep is None and tried:
+        ep = balancer.pick(candidates, _EMPTY, hash_key, t)
+    if ep is None and candidates is not candidates_all:
+        ep = balancer.pick(candidates_all, _EMPTY, hash_key, t)
+    return ep
+
+
+def _all_blocked(service: str, result: AttemptResult | None, state: CallState,
+                 candidates_all: tuple[Any, ...]) -> CallEnd:
+    return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
+                   f"service {service!r}: all {len(candidates_all)} endpoint(s) "
+                   "are ejected or have an open circuit breaker")
+
+
+def _all_refused(service: str, result: AttemptResult | None, state: CallState) -> CallEnd:
+    return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
+                   f"service {service!r}: circuit breakers refused every endpoint")
 
 
 def _no_header(_name: str) -> str | None:
