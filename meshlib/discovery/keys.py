@@ -25,6 +25,11 @@ class InvalidName(ValueError):
     """A service or instance name that cannot be used in the key layout."""
 
 
+def is_service_name(name: str) -> bool:
+    """Whether ``name`` can be a mesh service name (a DNS label, RFC 1123)."""
+    return isinstance(name, str) and _NAME.match(name) is not None
+
+
 def check_service_name(name: str) -> str:
     """Service names are DNS labels (RFC 1123): lowercase letters, digits and '-', <= 63 chars."""
     if not isinstance(name, str) or not _NAME.match(name):

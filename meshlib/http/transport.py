@@ -45,6 +45,7 @@ from meshlib.core.call import (
     run_call,
 )
 from meshlib.core.destination import DestinationState
+from meshlib.discovery.keys import is_service_name
 from meshlib.http.attempt import (
     CALLER_HEADER,
     adiscard,
@@ -70,7 +71,8 @@ _NOT_MESH = object()
 
 
 def _is_mesh_host(host: str) -> bool:
-    return bool(host) and "." not in host and ":" not in host and host != "localhost"
+    """A single DNS label that is a valid service name (see ``keys.check_service_name``)."""
+    return host != "localhost" and is_service_name(host)
 
 
 class _Route:
