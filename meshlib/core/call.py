@@ -348,7 +348,7 @@ def run_call(
             except BaseException:  # cancelled mid-attempt: free the trial slot and the load
                 t = now()
                 stats.finish(ep, start, t, False)
-                health.release(ep, admission, t)
+                _released(dest, observer, health.release(ep, admission, t))
                 raise
             assert result is not None
             t = now()
@@ -361,14 +361,10 @@ def run_call(
             d = retry.decide(state, outcome, result.status, result.retry_after_s, t,
                              grpc_code=result.grpc_code, pushback_s=result.pushback_s)
             if d is FINISH:
-                return CallEnd(result, state.attempt)
+                return _ended(service, result, state, t)
             if isinstance(d, Fail):
                 observer.stopped(d.reason)
-                if d.reason == "deadline_exceeded" and result.status is None:
-                    return CallEnd(result, state.attempt, FailureKind.DEADLINE,
-                                   f"service {service!r}: deadline exceeded after "
-                                   f"{state.attempt} attempt(s)", stopped=d.reason)
-                return CallEnd(result, state.attempt, stopped=d.reason)
+                return _ended(service, result, state, t, d.reason)
             observer.retry(outcome.value)
             delay = cast(Retry, d).delay_s
             if delay > 0:
@@ -485,13 +481,9 @@ def _run_hedged(
                              grpc_code=result.grpc_code, pushback_s=result.pushback_s)
             if isinstance(d, Fail):
                 observer.stopped(d.reason)
-                if d.reason == "deadline_exceeded" and result.status is None:
-                    return CallEnd(result, state.attempt, FailureKind.DEADLINE,
-                                   f"service {service!r}: deadline exceeded after "
-                                   f"{state.attempt} attempt(s)", stopped=d.reason)
-                return CallEnd(result, state.attempt, stopped=d.reason)
+                return _ended(service, result, state, t, d.reason)
             if not isinstance(d, Retry):  # FINISH (is_retryable said otherwise just above)
-                return CallEnd(result, state.attempt)
+                return _ended(service, result, state, t)
             observer.retry(outcome.value)
             if d.delay_s > 0:
                 yield Sleep(d.delay_s, "backoff")
@@ -503,6 +495,21 @@ def _run_hedged(
                 stats.finish(ep, started, t, False)
                 _released(dest, observer, health.release(ep, admission, t))
             inflight.clear()
+
+
+def _ended(service: str, result: AttemptResult, state: CallState, t: float,
+           stopped: str | None = None) -> CallEnd:
+    """The end of a call whose last attempt stands. A failed attempt without an HTTP status
+    whose retry the deadline refused, or that got no answer at all (no gRPC status either)
+    when the overall deadline had passed, ends the call as ``DEADLINE`` (the driver raises
+    its deadline error); anything else returns the last result."""
+    if result.status is None and result.outcome is not Outcome.SUCCESS and (
+            stopped == "deadline_exceeded"
+            or (result.grpc_code is None and state.deadline.expired(t))):
+        return CallEnd(result, state.attempt, FailureKind.DEADLINE,
+                       f"service {service!r}: deadline exceeded after {state.attempt} "
+                       "attempt(s)", stopped=stopped)
+    return CallEnd(result, state.attempt, stopped=stopped)
 
 
 def _released(dest: DestinationState, observer: CallObserver,
