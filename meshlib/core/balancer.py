@@ -167,14 +167,15 @@ class LoadStats:
             self._slots.pop(k, None)
         return gone
 
-    def start(self, ep: Endpoint) -> float:
-        """An attempt to ``ep`` starts: returns its start time for :meth:`finish`."""
+    def start(self, ep: Endpoint, now: float | None = None) -> float:
+        """An attempt to ``ep`` starts (at ``now``, read from the clock when not given):
+        returns its start time for :meth:`finish`."""
         key = ep.key or endpoint_key(ep)
         s = self._slots.get(key)
         if s is None:
             s = self.slot(key)
         s.in_flight += 1
-        return self._now()
+        return self._now() if now is None else now
 
     def finish(self, ep: Endpoint, start: float, now: float, ok: bool) -> None:
         """An attempt to ``ep`` ended at ``now``: one fewer in flight, and (when a latency

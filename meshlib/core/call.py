@@ -341,7 +341,7 @@ def run_call(
                     return _all_refused(service, result, state)
                 continue
             state.begin_attempt(ep.key)
-            start = stats.start(ep)
+            start = stats.start(ep, t)
             try:
                 result = yield Attempt(ep, retry.attempt_timeout(state, t),
                                        state.attempt, state.deadline)
