@@ -104,14 +104,20 @@ def main() -> int:
                 else:
                     sync_batch(stub, 200, sink)
             order = list(stubs)
+            paired: dict[str, list[float]] = {"sync": [], "aio": []}
             for r in range(args.rounds):
                 rot = order[r % 4:] + order[:r % 4]
+                round_p50: dict[str, float] = {}
                 for name in rot:
+                    batch: list[int] = []
                     if name.endswith("aio"):
-                        loop.run_until_complete(aio_batch(stubs[name], args.batch,
-                                                          samples[name]))
+                        loop.run_until_complete(aio_batch(stubs[name], args.batch, batch))
                     else:
-                        sync_batch(stubs[name], args.batch, samples[name])
+                        sync_batch(stubs[name], args.batch, batch)
+                    samples[name] += batch
+                    round_p50[name] = statistics.median(batch)
+                for kind in ("sync", "aio"):
+                    paired[kind].append(round_p50[f"mesh_{kind}"] / round_p50[f"plain_{kind}"])
             for name in order:
                 s = samples[name]
                 print(f"{name:11s} n={len(s):6d} p50={pct(s, 0.5):8.1f}us "
@@ -125,6 +131,10 @@ def main() -> int:
             loop.close()
             plain.close()
             meshch.close()
+            # the same ratio per round (batches run back to back), robust to drift between rounds
+            print("paired per-round p50 ratio (median [min, max]): " + "  ".join(
+                f"{k}={statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
+                for k, v in paired.items()))
             rs = pct(samples["mesh_sync"], 0.5) / pct(samples["plain_sync"], 0.5)
             ra = pct(samples["mesh_aio"], 0.5) / pct(samples["plain_aio"], 0.5)
             print(f"grpc_overhead_ratio sync={rs:.3f} aio={ra:.3f}")
