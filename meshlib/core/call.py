@@ -285,7 +285,7 @@ def run_call(
     if not snap_eps:
         return CallEnd(None, 0, FailureKind.NO_ENDPOINTS,
                        f"service {service!r} has no endpoints in etcd")
-    if not dest.acquire(plan.max_requests):
+    if not dest.acquire():
         return CallEnd(None, 0, FailureKind.CONCURRENCY,
                        f"service {service!r}: concurrency limit reached "
                        f"({plan.max_requests} requests in flight)")

@@ -14,7 +14,9 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 from meshlib.core.balancer import Balancer, LoadStats, ZoneFilter, hash_key_source, make_balancer
@@ -82,6 +84,7 @@ class Plan:
         )
         self.faults = FaultInjector(policy.fault)
         self.max_requests = int(policy.concurrency.max_requests)
+        dest.set_limit(self.max_requests)
         self.hash_source = (
             hash_key_source(policy.load_balancer)
             if policy.load_balancer.policy == "ring_hash"
@@ -115,8 +118,10 @@ class DestinationState:
         self._budget: RetryBudget | None = None
         self._budget_cfg: Any = None
         self._plan: Plan | None = None
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
+        self._tokens: deque[None] = deque()
+        self._limit = 0
+        self._debt = 0
+        self._limit_lock = threading.Lock()
         #: pybreaker listeners told of every breaker transition (``Mesh(breaker_listeners=)``)
         self.breaker_listeners: list[Any] = []
         self.breakers: dict[str, Any] = {}
@@ -161,26 +166,44 @@ class DestinationState:
             plan = self._plan = Plan(self, snap)
         return plan
 
-    # --- concurrency limit (Envoy max_requests): a counter, never held across I/O ---------
-    def acquire(self, limit: int) -> bool:
-        lock = self._inflight_lock
-        lock.acquire()  # explicit acquire/release: about half the cost of ``with`` here
+    # --- concurrency limit (Envoy max_requests) ------------------------------------------
+    # A deque of tokens, one per free slot: ``pop``/``append`` are atomic, so the call path
+    # takes no lock. ``set_limit`` (on a policy change) adds or removes tokens; slots it cannot
+    # remove because they are in use become debt, paid back by the next releases.
+    def set_limit(self, limit: int) -> None:
+        with self._limit_lock:
+            diff = limit - self._limit
+            self._limit = limit
+            while diff > 0 and self._debt > 0:
+                self._debt -= 1
+                diff -= 1
+            if diff > 0:
+                self._tokens.extend(repeat(None, diff))
+            while diff < 0:
+                try:
+                    self._tokens.pop()
+                except IndexError:
+                    self._debt -= diff  # the rest are in use: owed by their releases
+                    break
+                diff += 1
+
+    def acquire(self) -> bool:
         try:
-            if self._inflight >= limit:
-                return False
-            self._inflight += 1
-            return True
-        finally:
-            lock.release()
+            self._tokens.pop()
+        except IndexError:
+            return False
+        return True
 
     def release(self) -> None:
-        lock = self._inflight_lock
-        lock.acquire()
-        try:
-            self._inflight -= 1
-        finally:
-            lock.release()
+        if self._debt:
+            with self._limit_lock:
+                if self._debt:
+                    self._debt -= 1
+                    return
+        self._tokens.append(None)
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        """Calls holding a slot right now."""
+        with self._limit_lock:
+            return self._limit - len(self._tokens) + self._debt
