@@ -324,9 +324,7 @@ def run_call(
         rejects = 0
         while True:
             if state.deadline.expired(t):
-                return CallEnd(result, state.attempt, FailureKind.DEADLINE,
-                               f"service {service!r}: deadline exceeded after "
-                               f"{state.attempt} attempt(s)")
+                return _deadline_end(service, result, state)
             candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
             ep = balancer.pick(candidates, state.tried, hash_key, t)
             if ep is None:
@@ -433,9 +431,7 @@ def _run_hedged(
     try:
         while True:  # one round per iteration
             if state.deadline.expired(t):
-                return CallEnd(result, state.attempt, FailureKind.DEADLINE,
-                               f"service {service!r}: deadline exceeded after "
-                               f"{state.attempt} attempt(s)")
+                return _deadline_end(service, result, state)
             candidates = zones.select(candidates_all, t)
             ep = balancer.pick(candidates, state.tried, hash_key, t)
             if ep is None:
@@ -506,10 +502,15 @@ def _ended(service: str, result: AttemptResult, state: CallState, t: float,
     if result.status is None and result.outcome is not Outcome.SUCCESS and (
             stopped == "deadline_exceeded"
             or (result.grpc_code is None and state.deadline.expired(t))):
-        return CallEnd(result, state.attempt, FailureKind.DEADLINE,
-                       f"service {service!r}: deadline exceeded after {state.attempt} "
-                       "attempt(s)", stopped=stopped)
+        return _deadline_end(service, result, state, stopped)
     return CallEnd(result, state.attempt, stopped=stopped)
+
+
+def _deadline_end(service: str, result: AttemptResult | None, state: CallState,
+                  stopped: str | None = None) -> CallEnd:
+    return CallEnd(result, state.attempt, FailureKind.DEADLINE,
+                   f"service {service!r}: deadline exceeded after {state.attempt} attempt(s)",
+                   stopped=stopped)
 
 
 def _released(dest: DestinationState, observer: CallObserver,

@@ -37,10 +37,9 @@ from meshlib.grpc.attempt import (
     call_cancelled,
     call_ended,
     end_error,
-    result_from_code,
     result_from_error,
+    settle_stream,
     start_call,
-    stream_ended,
 )
 from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
 
@@ -342,15 +341,7 @@ class _AioStreamCall(_AioCallBase):
             code = await call.code()
         except BaseException:
             code = grpc.StatusCode.CANCELLED
-        result = result_from_code(code, call)
-        self._end_attempt(result, code)
-        try:
-            gen.send(result)
-        except StopIteration:
-            pass
-        finally:
-            gen.close()
-            stream_ended(self._owner._tel, self._span, self._started, code)
+        settle_stream(self, gen, code, call)
         self._done = True
         self._fire()
 

@@ -317,3 +317,18 @@ def stream_ended(tel: RpcTelemetry, span: Any, started: float, code: Any) -> Non
         code = grpc.StatusCode.UNKNOWN
     tel.method.call(code, None, seconds)
     span.end(code, None)
+
+
+def settle_stream(call_obj: Any, gen: CallGen, code: Any, call: Any) -> None:
+    """A committed stream call finished with ``code``: end its attempt, let the plan record
+    the result (health, load), close the plan and record the logical call. ``call_obj`` is
+    the sync or aio stream call (``_end_attempt``, ``_owner``, ``_span``, ``_started``)."""
+    result = result_from_code(code, call)
+    call_obj._end_attempt(result, code)
+    try:
+        gen.send(result)
+    except StopIteration:
+        pass
+    finally:
+        gen.close()
+        stream_ended(call_obj._owner._tel, call_obj._span, call_obj._started, code)

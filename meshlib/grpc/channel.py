@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -50,14 +50,10 @@ from meshlib.grpc.attempt import (
     call_ended,
     end_error,
     ok_result,
-    result_from_code,
     result_from_error,
-    stream_ended,
+    settle_stream,
 )
 from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
-
-if TYPE_CHECKING:
-    pass
 
 _sleep = time.sleep
 _SUCCESS = Outcome.SUCCESS
@@ -469,15 +465,7 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
             code = call.code()
         except Exception:  # pragma: no cover - defensive: grpcio always has a code when done
             code = None
-        result = result_from_code(code, call)
-        self._end_attempt(result, code)
-        try:
-            gen.send(result)
-        except StopIteration:
-            pass
-        finally:
-            gen.close()
-            stream_ended(self._owner._tel, self._span, self._started, code)
+        settle_stream(self, gen, code, call)
 
     def _drive(self) -> None:
         """Until committed: read the first message, retrying uncommitted failures."""

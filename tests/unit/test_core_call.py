@@ -16,13 +16,13 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 import pytest
+from plan_fakes import Clock, Recorder
 
 from meshlib.config.policy import merge_policy_dicts, parse_policy_dict
 from meshlib.core.call import (
     Attempt,
     AttemptResult,
     CallEnd,
-    CallObserver,
     FailureKind,
     Sleep,
     run_call,
@@ -61,36 +61,6 @@ def grpc_result(name: str, pushback: float | None = None) -> AttemptResult:
 
 
 G_OK = AttemptResult(Outcome.SUCCESS, 200, "ok", grpc_code="OK")
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
-
-
-class Recorder(CallObserver):
-    def __init__(self) -> None:
-        self.retries: list[str] = []
-        self.stops: list[str] = []
-        self.events: list[Any] = []
-
-    def retry(self, reason: str) -> None:
-        self.retries.append(reason)
-
-    def stopped(self, reason: str) -> None:
-        self.stops.append(reason)
-
-    def health(self, events: Any) -> None:
-        self.events.extend(events)
-
-    def kinds(self, key: str | None = None) -> list[EventKind]:
-        return [e.kind for e in self.events if key is None or e.key == key]
 
 
 def ep(i: int, zone: str | None = None, **labels: str) -> Endpoint:

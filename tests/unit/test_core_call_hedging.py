@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 import pytest
+from plan_fakes import Clock, Recorder
 
 from meshlib.config.policy import parse_policy_dict
 from meshlib.core.call import (
@@ -20,7 +21,6 @@ from meshlib.core.call import (
     Attempt,
     AttemptResult,
     CallEnd,
-    CallObserver,
     Done,
     FailureKind,
     Sleep,
@@ -35,33 +35,6 @@ SVC = "orders"
 OK = AttemptResult(Outcome.SUCCESS, 200, "ok")
 R503 = AttemptResult(Outcome.GATEWAY_ERROR, 503, "busy")
 R404 = AttemptResult(Outcome.HTTP_4XX, 404, "missing")
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
-
-
-class Recorder(CallObserver):
-    def __init__(self) -> None:
-        self.retries: list[str] = []
-        self.stops: list[str] = []
-        self.events: list[Any] = []
-
-    def retry(self, reason: str) -> None:
-        self.retries.append(reason)
-
-    def stopped(self, reason: str) -> None:
-        self.stops.append(reason)
-
-    def health(self, events: Any) -> None:
-        self.events.extend(events)
 
 
 def hedge_policy(*, delay: str = "50ms", max_extra: int = 1, enabled: bool = True,
