@@ -222,7 +222,8 @@ class Mesh:
                 dest = self._destinations.get(service)
                 if dest is None:
                     dest = DestinationState(
-                        service, functools.partial(self.snapshot, service), zone=self.zone
+                        service, functools.partial(self.snapshot, service),
+                        lookup=self.store.lookup, zone=self.zone,
                     )
                     dest.breaker_listeners = self.breaker_listeners
                     self._sync_endpoint_gauges(service, self.snapshot(service))

@@ -295,9 +295,14 @@ class Balancer:
     ) -> Endpoint | None:
         """One endpoint of ``candidates`` that is not in ``exclude`` and is usable, or
         ``None``. ``hash_key`` matters to ``ring_hash`` only."""
-        g = self.group(candidates)
-        if g.n == 0:
-            return None
+        g = self._groups.get(id(candidates))
+        if g is None or g.eps is not candidates:
+            g = self.group(candidates)
+        n = g.n
+        if n < 2:  # nothing to balance (Envoy skips the LB for a single host too)
+            if n == 0 or not _ok(g, 0, exclude, self._now() if now is None else now):
+                return None
+            return g.eps[0]
         t = self._now() if now is None else now
         i = self._pick(g, exclude, hash_key, t)
         return None if i is None else g.eps[i]

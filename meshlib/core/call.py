@@ -68,9 +68,10 @@ from meshlib.core.deadline import Deadline
 from meshlib.core.destination import DestinationState, Plan
 from meshlib.core.health import REJECT, HealthEvent
 from meshlib.core.outcome import Outcome
-from meshlib.core.retry import FINISH, CallState, Fail, Retry
+from meshlib.core.retry import FINISH, CallState, Fail, Retry, is_idempotent
 
 _EMPTY: frozenset[str] = frozenset()
+_SUCCESS = Outcome.SUCCESS
 
 
 class FailureKind:
@@ -267,13 +268,12 @@ def run_call(
     observer: CallObserver = NULL_OBSERVER,
 ) -> CallGen:
     """One logical call as a generator of actions (see the module docstring)."""
-    rng = dest.rng
     now = dest.now
     service = dest.service
 
-    faults = plan.faults
-    if faults.active:
-        delay, abort = faults.decide_grpc(rng) if grpc else faults.decide(rng)
+    if plan.faults_active:
+        faults = plan.faults
+        delay, abort = faults.decide_grpc(dest.rng) if grpc else faults.decide(dest.rng)
         if delay:
             yield Sleep(delay, "fault_delay")
         if abort is not None:
@@ -281,8 +281,7 @@ def run_call(
                            f"service {service!r}: request aborted by fault injection policy",
                            status=abort)
 
-    snap_eps = plan.router.endpoints
-    if not snap_eps:
+    if not plan.endpoint_count:
         return CallEnd(None, 0, FailureKind.NO_ENDPOINTS,
                        f"service {service!r} has no endpoints in etcd")
     if not dest.acquire():
@@ -292,7 +291,7 @@ def run_call(
     try:
         lookup = header if header is not None else _no_header
         if plan.has_header_routes:
-            target = plan.router.resolve(method, path, lookup, rng)
+            target = plan.router.resolve(method, path, lookup, dest.rng)
         else:
             target = plan.router.default
         candidates_all = target.endpoints
@@ -305,13 +304,14 @@ def run_call(
         if src is not None:
             hash_key = _hash_key(src, lookup)
         t = now()
-        idem_key = (
-            has_idempotency_key() if has_idempotency_key is not None and not grpc
-            and method not in plan.retry.methods else False
-        )
         retry = plan.retry
-        state = retry.new_call(method, has_idempotency_key=idem_key, replayable=replayable,
-                               grpc=grpc, now=t, deadline=deadline)
+        if grpc:
+            idempotent = True
+        else:
+            idempotent = is_idempotent(
+                method, has_idempotency_key is not None and method not in retry.methods
+                and has_idempotency_key(), retry)
+        state = retry.start(t, deadline, idempotent, replayable, grpc)
         if plan.hedging and not grpc and state.idempotent and state.replayable \
                 and len(candidates_all) > 1:
             return (yield from cast(CallGen, _run_hedged(dest, plan, state, candidates_all,
@@ -321,15 +321,17 @@ def run_call(
         stats = dest.stats
         balancer = plan.balancer
         zoned = plan.zoned
+        per_try = retry.per_try_timeout
+        tried = state.tried
         rejects = 0
         while True:
-            if state.deadline.expired(t):
+            at = state.deadline.at
+            if at is not None and t >= at:
                 return _deadline_end(service, result, state)
             candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
-            ep = balancer.pick(candidates, state.tried, hash_key, t)
+            ep = balancer.pick(candidates, tried, hash_key, t)
             if ep is None:
-                ep = _fallback_pick(balancer, candidates, candidates_all, state.tried,
-                                    hash_key, t)
+                ep = _fallback_pick(balancer, candidates, candidates_all, tried, hash_key, t)
                 if ep is None:
                     return _all_blocked(service, result, state, candidates_all)
             admission = health.admit(ep, t)
@@ -338,11 +340,18 @@ def run_call(
                 if rejects > len(candidates_all):
                     return _all_refused(service, result, state)
                 continue
-            state.begin_attempt(ep.key)
+            # CallState.begin_attempt and RetryPolicy.attempt_timeout, inlined (hot path)
+            n = state.attempt = state.attempt + 1
+            tried.add(ep.key)
+            if at is None:
+                timeout = per_try
+            else:
+                timeout = at - t
+                if per_try is not None and per_try < timeout:
+                    timeout = per_try
             start = stats.start(ep, t)
             try:
-                result = yield Attempt(ep, retry.attempt_timeout(state, t),
-                                       state.attempt, state.deadline)
+                result = yield Attempt(ep, timeout, n, state.deadline)
             except BaseException:  # cancelled mid-attempt: free the trial slot and the load
                 t = now()
                 stats.finish(ep, start, t, False)
@@ -351,11 +360,13 @@ def run_call(
             assert result is not None
             t = now()
             outcome = result.outcome
-            stats.finish(ep, start, t, outcome is Outcome.SUCCESS)
+            stats.finish(ep, start, t, outcome is _SUCCESS)
             events = health.record(ep, outcome, admission, t)
             if events:
                 observer.health(events)
                 dest.on_health(events)
+            if outcome is _SUCCESS:  # RetryPolicy.decide would say FINISH
+                return CallEnd(result, n)
             d = retry.decide(state, outcome, result.status, result.retry_after_s, t,
                              grpc_code=result.grpc_code, pushback_s=result.pushback_s)
             if d is FINISH:

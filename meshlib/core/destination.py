@@ -56,7 +56,7 @@ class Plan:
     __slots__ = (
         "snapshot", "policy", "balancer", "router", "zones", "retry", "faults",
         "max_requests", "hash_source", "has_header_routes", "endpoint_count", "zoned",
-        "hedging",
+        "hedging", "faults_active",
     )
 
     def __init__(self, dest: DestinationState, snap: ServiceSnapshot) -> None:
@@ -83,6 +83,7 @@ class Plan:
             policy, now=dest.now, rng=dest.rng, budget=dest.budget_for(policy.retries.budget)
         )
         self.faults = FaultInjector(policy.fault)
+        self.faults_active = self.faults.active
         self.max_requests = int(policy.concurrency.max_requests)
         dest.set_limit(self.max_requests)
         self.hash_source = (
@@ -104,12 +105,17 @@ class DestinationState:
         service: str,
         snapshot: Callable[[], ServiceSnapshot],
         *,
+        lookup: Callable[[str], ServiceSnapshot | None] | None = None,
         zone: str | None = None,
         now: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.service = service
         self._snapshot = snapshot
+        # ``lookup(service)`` (a C-level ``dict.get`` of the snapshot store, Mesh): the call
+        # path reads the published snapshot with no Python frame; ``snapshot()`` is asked only
+        # when it has none (not watched yet).
+        self._lookup = lookup
         self.zone = zone
         self.now = now
         self.rng = rng or random.Random()
@@ -160,7 +166,10 @@ class DestinationState:
 
     def plan(self) -> Plan:
         """The plan for the current snapshot (recompiled only when the snapshot changed)."""
-        snap = self._snapshot()
+        lookup = self._lookup
+        snap = lookup(self.service) if lookup is not None else None
+        if snap is None:
+            snap = self._snapshot()
         plan = self._plan
         if plan is None or plan.snapshot is not snap:
             plan = self._plan = Plan(self, snap)

@@ -253,7 +253,9 @@ class HealthRegistry:
         Pass the result to :meth:`record` when the attempt ends."""
         if not self.breaker_enabled:
             return ADMIT
-        s = self.slot(_key(ep))
+        s = self._slots.get(ep if isinstance(ep, str) else ep.key)
+        if s is None:
+            s = self.slot(_key(ep))
         if s.state is CLOSED:
             return ADMIT
         with s.lock:
@@ -390,7 +392,9 @@ class HealthRegistry:
     ) -> tuple[HealthEvent, ...]:
         """An attempt admitted with ``admission`` ended with ``outcome``: update the breaker
         and outlier counters; returns the state changes (usually none)."""
-        s = self._slots.get(_key(ep))
+        s = self._slots.get(ep if isinstance(ep, str) else ep.key)
+        if s is None:
+            s = self._slots.get(_key(ep))
         if s is None or admission == REJECT:
             return _NO_EVENTS
         if (outcome is _SUCCESS and admission == ADMIT and not s.ejecting

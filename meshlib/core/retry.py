@@ -244,6 +244,10 @@ class HedgingPlan:
 # --------------------------------------------------------------------------- per-call state
 
 
+#: The deadline of calls with neither a policy timeout nor an inherited one (immutable).
+_UNBOUNDED = Deadline(None)
+
+
 class CallState:
     """Per-call retry state: created per logical call, never shared between calls.
 
@@ -337,13 +341,24 @@ class RetryPolicy:
         policy timeout; the earlier wins.
         """
         t = self._now() if now is None else now
-        if self.budget is not None:
-            self.budget.deposit(t)
-        dl = Deadline(None if self.timeout is None else t + self.timeout)
-        if deadline is not None:
-            dl = dl.earliest(deadline)
         idem = True if grpc else is_idempotent(method, has_idempotency_key, self)
-        return CallState(dl, idem, replayable, grpc)
+        return self.start(t, deadline, idem, replayable, grpc)
+
+    def start(self, t: float, deadline: Deadline | None, idempotent: bool, replayable: bool,
+              grpc: bool) -> CallState:
+        """:meth:`new_call` with the idempotency already decided (the call plan's entry:
+        positional, one frame): deposits into the budget and fixes the deadline at ``t``."""
+        budget = self.budget
+        if budget is not None:
+            budget.deposit(t)
+        timeout = self.timeout
+        if timeout is None:
+            dl = _UNBOUNDED if deadline is None else deadline
+        elif deadline is not None and deadline.at is not None and deadline.at < t + timeout:
+            dl = deadline
+        else:
+            dl = Deadline(t + timeout)
+        return CallState(dl, idempotent, replayable, grpc)
 
     def attempt_timeout(self, state: CallState, now: float) -> float | None:
         """Timeout of the next attempt: ``min(per_try_timeout, remaining overall)``."""

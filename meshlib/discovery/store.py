@@ -77,6 +77,9 @@ class SnapshotStore:
         self._lock = threading.Lock()  # serialises writers only; readers never take it
         self._states: dict[str, _ServiceState] = {}
         self._snapshots: dict[str, ServiceSnapshot] = {}
+        #: ``lookup(service)``: the published snapshot or None (the dict's own ``get``: no
+        #: Python frame on the call path; the dict is only ever updated in place).
+        self.lookup = self._snapshots.get
         self._default_raw: dict[str, Any] = {}
         self._default_revision = 0
         self._listeners: list[Listener] = []

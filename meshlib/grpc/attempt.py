@@ -32,6 +32,7 @@ is recorded too (``CANCELLED``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import Any
@@ -182,11 +183,24 @@ def end_error(end: CallEnd, service: str, *, aio: bool) -> BaseException | None:
 # --------------------------------------------------------------------------- telemetry
 
 
+class _NullSeries:
+    __slots__ = ()
+
+    def observe(self, amount: float) -> None:
+        return None
+
+
+_NULL_SERIES = _NullSeries()
+
+
 class _NullMethodRecorder:
     __slots__ = ()
 
     def call(self, status: object, error_type: str | None, seconds: float) -> None:
         return None
+
+    def series(self, status: object, error_type: str | None) -> _NullSeries:
+        return _NULL_SERIES
 
 
 class _NullRecorder:
@@ -194,6 +208,9 @@ class _NullRecorder:
 
     def attempt(self, attempt: int, outcome: object, seconds: float) -> None:
         return None
+
+    def attempt_series(self, attempt: int, outcome: object) -> _NullSeries:
+        return _NULL_SERIES
 
     def no_endpoints(self) -> None:
         return None
@@ -206,9 +223,14 @@ class _NullRecorder:
 
 
 class RpcTelemetry:
-    """What one multicallable records through, resolved once at its creation."""
+    """What one multicallable records through, resolved once at its creation.
 
-    __slots__ = ("method", "recorder", "rpc_method", "rpc_service", "service")
+    ``ok_attempt`` and ``ok_call`` are the series of the common case (a first attempt that
+    succeeds, a call that ends OK), observed directly by the drivers; ``start()`` opens the
+    call span (a shared no-op when tracing is off)."""
+
+    __slots__ = ("method", "recorder", "rpc_method", "rpc_service", "service", "start",
+                 "ok_attempt", "ok_call")
 
     def __init__(self, recorder: Any, service: str, full_method: str) -> None:
         if not hasattr(recorder, "method"):
@@ -217,10 +239,10 @@ class RpcTelemetry:
         self.service = service
         self.rpc_service, self.rpc_method = split_full_method(full_method)
         self.method = recorder.method(self.rpc_service, self.rpc_method)
-
-    def start(self) -> Any:
-        """The span of one logical call (a shared no-op when tracing is off)."""
-        return start_rpc_call(self.service, self.rpc_service, self.rpc_method)
+        self.ok_attempt = recorder.attempt_series(1, _SUCCESS)
+        self.ok_call = self.method.series("OK", None)
+        self.start: Callable[[], Any] = functools.partial(
+            start_rpc_call, service, self.rpc_service, self.rpc_method)
 
 
 def attempt_metadata(md: Any, number: int, aspan: Any) -> list[Any] | None:

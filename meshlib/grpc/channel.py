@@ -124,7 +124,10 @@ class _UnaryResponse(MultiCallableBase):
                     attempt_ended(recorder, aspan, n, result, perf_counter() - t0)
                 else:  # attempt_ended(..., OK_RESULT, ...) inlined: the hot path
                     result = OK_RESULT
-                    recorder.attempt(n, _SUCCESS, perf_counter() - t0)
+                    if n == 1:
+                        tel.ok_attempt.observe(perf_counter() - t0)
+                    else:
+                        recorder.attempt(n, _SUCCESS, perf_counter() - t0)
                     aspan.end("OK", None)
                 aspan = None
                 action = gen.send(result)
@@ -137,7 +140,7 @@ class _UnaryResponse(MultiCallableBase):
             call_ended(tel, span, started, None, exc)
             raise
         if end.result is OK_RESULT:
-            tel.method.call("OK", None, perf_counter() - started)  # call_ended(..., None)
+            tel.ok_call.observe(perf_counter() - started)  # call_ended(..., None)
             span.end("OK", None)
             return resp
         error = end_error(end, self._service, aio=False)

@@ -205,6 +205,12 @@ class ClientRecorder:
                 self._attempt_ids[(id(outcome), n)] = child
         child.observe(seconds)
 
+    def attempt_series(self, attempt: int, outcome: object) -> Any:
+        """The histogram child :meth:`attempt` observes for (``attempt``, ``outcome``): a
+        driver resolves its common case (first attempt, success) once and observes it
+        directly."""
+        return self._attempts.get((attempt if attempt < 3 else 3, outcome))
+
     def retry(self, reason: object) -> None:
         """A retry (or hedge) is starting because the previous attempt ended with ``reason``
         (an ``Outcome`` or a short string such as ``"hedge"``)."""
@@ -373,6 +379,10 @@ class RpcMethodRecorder:
     def __init__(self, cache: _Cache) -> None:
         self._cache = cache
         self._children = cache.children
+
+    def series(self, status: object, error_type: str | None) -> Any:
+        """The histogram child :meth:`call` observes for (``status``, ``error_type``)."""
+        return self._cache.get((status, error_type))
 
     def call(self, status: object, error_type: str | None, seconds: float) -> None:
         """One call ended with ``status`` (``"OK"``, ``grpc.StatusCode.X``, an int, or None

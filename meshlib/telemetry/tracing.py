@@ -311,9 +311,13 @@ def start_http_call(service: str, method: str | bytes) -> CallSpan | _NoopCall:
 def start_rpc_call(service: str, rpc_service: str, rpc_method: str,
                    system: str = "grpc") -> CallSpan | _NoopCall:
     """Open the span of one logical RPC to mesh service ``service``."""
-    tracer = _tracer()
+    tracer = _state.tracer
     if tracer is None:
-        return _NOOP_CALL
+        if time.monotonic() < _state.next_check:  # _tracer()'s answer, without the frame
+            return _NOOP_CALL
+        tracer = _tracer()
+        if tracer is None:
+            return _NOOP_CALL
     attrs: dict[str, Any] = {
         sc.ATTR_RPC_SYSTEM: system,
         sc.ATTR_RPC_SERVICE: rpc_service,
