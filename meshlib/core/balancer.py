@@ -135,6 +135,8 @@ class LoadStats:
     ) -> None:
         self._now = now
         self._slots: dict[str, LoadSlot] = {}
+        #: endpoint key -> slot (read-only for callers: the call plan's inlined fast path)
+        self.slots = self._slots
         self.default_rtt = default_rtt
         self.decay = decay
         #: RTT samples feed the peak-EWMA estimate; only ``peak_ewma`` reads it, so the
@@ -274,6 +276,7 @@ class Balancer:
         self._rng = rng
         self._now = now
         self._groups: dict[int, _Group] = {}
+        self._last = _Group((), stats, health)
 
     def group(self, candidates: tuple[Endpoint, ...]) -> _Group:
         g = self._groups.get(id(candidates))
@@ -295,9 +298,10 @@ class Balancer:
     ) -> Endpoint | None:
         """One endpoint of ``candidates`` that is not in ``exclude`` and is usable, or
         ``None``. ``hash_key`` matters to ``ring_hash`` only."""
-        g = self._groups.get(id(candidates))
-        if g is None or g.eps is not candidates:
+        g = self._last  # the group of the previous pick: usually the same candidates
+        if g.eps is not candidates:
             g = self.group(candidates)
+            self._last = g
         n = g.n
         if n < 2:  # nothing to balance (Envoy skips the LB for a single host too)
             if n == 0 or not _ok(g, 0, exclude, self._now() if now is None else now):

@@ -66,7 +66,7 @@ from typing import Any, Final, Protocol, cast
 
 from meshlib.core.deadline import Deadline
 from meshlib.core.destination import DestinationState, Plan
-from meshlib.core.health import REJECT, HealthEvent
+from meshlib.core.health import ADMIT, CLOSED, REJECT, HealthEvent
 from meshlib.core.outcome import Outcome
 from meshlib.core.retry import FINISH, CallState, Fail, Retry, is_idempotent
 
@@ -322,34 +322,51 @@ def run_call(
         balancer = plan.balancer
         zoned = plan.zoned
         per_try = retry.per_try_timeout
-        tried = state.tried
+        health_slots = health.slots
+        load_slots = stats.slots
         rejects = 0
         while True:
             at = state.deadline.at
             if at is not None and t >= at:
                 return _deadline_end(service, result, state)
             candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
+            tried = state.tried
             ep = balancer.pick(candidates, tried, hash_key, t)
             if ep is None:
                 ep = _fallback_pick(balancer, candidates, candidates_all, tried, hash_key, t)
                 if ep is None:
                     return _all_blocked(service, result, state, candidates_all)
-            admission = health.admit(ep, t)
-            if admission == REJECT:
-                rejects += 1
-                if rejects > len(candidates_all):
-                    return _all_refused(service, result, state)
-                continue
-            # CallState.begin_attempt and RetryPolicy.attempt_timeout, inlined (hot path)
+            key = ep.key
+            # The common cases of HealthRegistry.admit / LoadStats.start / .finish /
+            # HealthRegistry.record are inlined below on the endpoint's two slots (one dict
+            # lookup each); anything else goes through those methods.
+            hs = health_slots.get(key)
+            if hs is not None and hs.state is CLOSED:
+                admission = ADMIT
+            else:
+                admission = health.admit(ep, t)
+                if admission == REJECT:
+                    rejects += 1
+                    if rejects > len(candidates_all):
+                        return _all_refused(service, result, state)
+                    continue
+            # CallState.begin_attempt and RetryPolicy.attempt_timeout, inlined (hot path);
+            # ``tried`` became a set when the retry was decided (below)
             n = state.attempt = state.attempt + 1
-            tried.add(ep.key)
+            if n > 1:
+                tried.add(key)  # type: ignore[union-attr]
             if at is None:
                 timeout = per_try
             else:
                 timeout = at - t
                 if per_try is not None and per_try < timeout:
                     timeout = per_try
-            start = stats.start(ep, t)
+            ls = load_slots.get(key)
+            if ls is None:
+                stats.start(ep, t)
+            else:
+                ls.in_flight += 1
+            start = t
             try:
                 result = yield Attempt(ep, timeout, n, state.deadline)
             except BaseException:  # cancelled mid-attempt: free the trial slot and the load
@@ -360,11 +377,19 @@ def run_call(
             assert result is not None
             t = now()
             outcome = result.outcome
-            stats.finish(ep, start, t, outcome is _SUCCESS)
-            events = health.record(ep, outcome, admission, t)
-            if events:
-                observer.health(events)
-                dest.on_health(events)
+            if ls is None or stats.track_latency:
+                stats.finish(ep, start, t, outcome is _SUCCESS)
+            elif ls.in_flight > 0:
+                ls.in_flight -= 1
+            if (outcome is _SUCCESS and admission == ADMIT and hs is not None
+                    and not (hs.ejecting or hs.failures or hs.c5xx or hs.cgw
+                             or hs.skip_reported)):
+                pass  # HealthRegistry.record: a healthy endpoint stays healthy, no events
+            else:
+                events = health.record(ep, outcome, admission, t)
+                if events:
+                    observer.health(events)
+                    dest.on_health(events)
             if outcome is _SUCCESS:  # RetryPolicy.decide would say FINISH
                 return CallEnd(result, n)
             d = retry.decide(state, outcome, result.status, result.retry_after_s, t,
@@ -374,6 +399,8 @@ def run_call(
             if isinstance(d, Fail):
                 observer.stopped(d.reason)
                 return _ended(service, result, state, t, d.reason)
+            if n == 1:
+                state.tried = {key}  # the next pick avoids the endpoint that just failed
             observer.retry(outcome.value)
             delay = cast(Retry, d).delay_s
             if delay > 0:
@@ -532,7 +559,7 @@ def _released(dest: DestinationState, observer: CallObserver,
 
 
 def _fallback_pick(balancer: Any, candidates: tuple[Any, ...], candidates_all: tuple[Any, ...],
-                   tried: set[str], hash_key: str | None, t: float) -> Any:
+                   tried: set[str] | frozenset[str], hash_key: str | None, t: float) -> Any:
     """When the first pick found nothing: an untried endpoint in another zone beats
     retrying a failed local one; then reusing a tried endpoint beats failing."""
     ep = None

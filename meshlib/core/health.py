@@ -170,6 +170,8 @@ class HealthRegistry:
     def __init__(self, breaker: Any, outlier: Any, now: Callable[[], float]) -> None:
         self._now = now
         self._slots: dict[str, HealthSlot] = {}
+        #: endpoint key -> slot (read-only for callers: the call plan's inlined fast path)
+        self.slots = self._slots
         self.configure(breaker, outlier)
 
     def configure(self, breaker: Any, outlier: Any) -> None:
@@ -397,9 +399,11 @@ class HealthRegistry:
             s = self._slots.get(_key(ep))
         if s is None or admission == REJECT:
             return _NO_EVENTS
-        if (outcome is _SUCCESS and admission == ADMIT and not s.ejecting
-                and not (s.failures or s.c5xx or s.cgw or s.skip_reported)):
-            return _NO_EVENTS  # the common case: a healthy endpoint stays healthy
+        if (outcome is _SUCCESS and admission == ADMIT
+                and not (s.ejecting or s.failures or s.c5xx or s.cgw or s.skip_reported)):
+            # the common case: a healthy endpoint stays healthy (inlined in the call plan,
+            # meshlib.core.call.run_call: keep the two in step)
+            return _NO_EVENTS
         events: list[HealthEvent] | None = None
         if s.ejecting and s.ejected_until <= now:
             ev = self._finish_ejection(s, now)

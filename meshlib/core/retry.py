@@ -244,6 +244,7 @@ class HedgingPlan:
 # --------------------------------------------------------------------------- per-call state
 
 
+_NONE_TRIED: frozenset[str] = frozenset()
 #: The deadline of calls with neither a policy timeout nor an inherited one (immutable).
 _UNBOUNDED = Deadline(None)
 
@@ -262,7 +263,9 @@ class CallState:
         self, deadline: Deadline, idempotent: bool, replayable: bool, grpc: bool
     ) -> None:
         self.attempt = 0
-        self.tried: set[str] = set()
+        #: a shared empty frozenset until a second attempt needs to exclude the first
+        #: (most calls make one attempt: no set allocated for them)
+        self.tried: set[str] | frozenset[str] = _NONE_TRIED
         self.deadline = deadline
         self.idempotent = idempotent
         self.replayable = replayable
@@ -273,7 +276,10 @@ class CallState:
     def begin_attempt(self, endpoint_key: str) -> None:
         """Record that an attempt is starting on ``endpoint_key``."""
         self.attempt += 1
-        self.tried.add(endpoint_key)
+        tried = self.tried
+        if tried is _NONE_TRIED:
+            tried = self.tried = set()
+        tried.add(endpoint_key)  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- the policy

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 _EOF = grpc.aio.EOF
 _SUCCESS = Outcome.SUCCESS
 _sleep = asyncio.sleep
+#: (credentials, wait_for_ready, compression) when the caller set none of them.
+_NO_EXTRA: tuple[Any, Any, Any] = (None, None, None)
+_UNARY_RESPONSE = frozenset({"unary_unary", "stream_unary"})
 
 
 class _AioMultiCallable(MultiCallableBase):
@@ -61,9 +64,11 @@ class _AioMultiCallable(MultiCallableBase):
         span = self._tel.start()
         gen = start_call(self._dest, self._method, metadata, timeout, self._replayable,
                          self._observer)
-        cls = _AioUnaryCall if self._kind in ("unary_unary", "stream_unary") else _AioStreamCall
-        return cls(self, request, base_metadata(metadata, self._extra), gen,
-                   (credentials, wait_for_ready, compression), span, started)
+        cls = _AioUnaryCall if self._kind in _UNARY_RESPONSE else _AioStreamCall
+        extra = (_NO_EXTRA if credentials is None and wait_for_ready is None
+                 and compression is None else (credentials, wait_for_ready, compression))
+        return cls(self, request, base_metadata(metadata, self._extra), gen, extra, span,
+                   started)
 
 
 class UnaryUnary(_AioMultiCallable, grpc.aio.UnaryUnaryMultiCallable):
@@ -84,6 +89,10 @@ class StreamStream(_AioMultiCallable, grpc.aio.StreamStreamMultiCallable):
 
 class _AioCallBase:
     """Starting attempts and the accessors common to both call kinds."""
+
+    __slots__ = ("_owner", "_request", "_md", "_gen", "_extra", "_span", "_started", "_aspan",
+                 "_deadline", "_n", "_t0", "_call", "_pending", "_done", "_value", "_exc",
+                 "_callbacks")
 
     def __init__(self, owner: _AioMultiCallable, request: Any, md: Any, gen: CallGen,
                  extra: tuple[Any, Any, Any], span: Any, started: float) -> None:
@@ -118,17 +127,21 @@ class _AioCallBase:
         n = action.number
         aspan = self._span.attempt(n, ep.address, ep.port)
         md = attempt_metadata(self._md, n, aspan)
-        cred, wfr, comp = self._extra
+        extra = self._extra
         self._aspan, self._n, self._t0 = aspan, n, perf_counter()
         self._deadline = action.deadline
-        self._call = mc(self._request, timeout=action.timeout, metadata=md,
-                        credentials=cred, wait_for_ready=wfr, compression=comp)
+        if extra is _NO_EXTRA:  # grpc.aio's defaults: fewer keywords to pass
+            self._call = mc(self._request, timeout=action.timeout, metadata=md)
+        else:
+            cred, wfr, comp = extra
+            self._call = mc(self._request, timeout=action.timeout, metadata=md,
+                            credentials=cred, wait_for_ready=wfr, compression=comp)
 
     def _end(self, end: CallEnd) -> None:
         self._gen = None
         self._done = True
         if end.result is OK_RESULT:  # _value already holds the response
-            self._owner._tel.method.call("OK", None, perf_counter() - self._started)
+            self._owner._tel.ok_call.observe(perf_counter() - self._started)
             self._span.end("OK", None)
         else:
             exc = end_error(end, self._owner._service, aio=True)
@@ -247,10 +260,11 @@ class _AioCallBase:
 class _AioUnaryCall(_AioCallBase):
     """unary-unary / stream-unary: ``await call`` drives the plan to its end."""
 
-    def __await__(self) -> Any:
-        return self._run().__await__()
+    __slots__ = ()
 
-    async def _run(self) -> Any:
+    def __await__(self) -> Any:
+        """Drive the plan to its end (a generator, as grpc.aio's own calls: no coroutine
+        object per call)."""
         if not self._done:
             gen = self._gen
             assert gen is not None
@@ -258,19 +272,23 @@ class _AioUnaryCall(_AioCallBase):
                 while True:
                     if self._pending is not None:
                         p, self._pending = self._pending, None
-                        await _sleep(p.seconds)
+                        yield from _sleep(p.seconds).__await__()
                         self._next(gen.send(None))
                         continue
                     try:
-                        self._value = await self._call
+                        self._value = yield from self._call.__await__()
                     except AioRpcError as err:
                         result = result_from_error(err)
                         self._end_attempt(result)
                     else:  # _end_attempt(OK_RESULT) inlined: the hot path
                         result = OK_RESULT
                         aspan, self._aspan = self._aspan, None
-                        self._owner._tel.recorder.attempt(self._n, _SUCCESS,
-                                                          perf_counter() - self._t0)
+                        n = self._n
+                        if n == 1:
+                            self._owner._tel.ok_attempt.observe(perf_counter() - self._t0)
+                        else:
+                            self._owner._tel.recorder.attempt(n, _SUCCESS,
+                                                              perf_counter() - self._t0)
                         aspan.end("OK", None)
                     self._next(gen.send(result))
             except StopIteration as stop:
@@ -286,6 +304,9 @@ class _AioUnaryCall(_AioCallBase):
         if self._exc is not None:
             raise self._exc
         return self._value
+
+    async def _run(self) -> Any:
+        return await self
 
     async def _settle(self) -> Any:
         if not self._done:
@@ -313,6 +334,8 @@ class _AioUnaryCall(_AioCallBase):
 
 class _AioStreamCall(_AioCallBase):
     """unary-stream / stream-stream: ``async for`` / ``read()``; retried until committed."""
+
+    __slots__ = ("_committed", "_buffer")
 
     def __init__(self, *args: Any) -> None:
         self._committed = False

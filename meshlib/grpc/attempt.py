@@ -47,7 +47,8 @@ from meshlib.core.retry import PUSHBACK_HEADER, parse_pushback_ms
 from meshlib.grpc.errors import code_from_name, mesh_error
 from meshlib.http.attempt import current_deadline
 from meshlib.telemetry.recorders import error_type_of, split_full_method
-from meshlib.telemetry.tracing import start_rpc_call
+from meshlib.telemetry.tracing import NOOP_ATTEMPT, start_rpc_call
+from meshlib.telemetry.tracing import state as tracing_state
 
 CALLER_KEY = "x-mesh-caller"
 PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
@@ -120,7 +121,7 @@ def start_call(
     deadline = None
     if timeout is not None:
         deadline = Deadline(dest.now() + timeout)
-    inherited = current_deadline.get()
+    inherited = current_deadline.get() if current_deadline.ever_set else None
     if inherited is not None:
         deadline = inherited if deadline is None else deadline.earliest(inherited)
     header = None
@@ -245,10 +246,13 @@ class RpcTelemetry:
             start_rpc_call, service, self.rpc_service, self.rpc_method)
 
 
-def attempt_metadata(md: Any, number: int, aspan: Any) -> list[Any] | None:
+def attempt_metadata(md: Any, number: int, aspan: Any) -> Any:
     """The metadata of attempt ``number``: the call's, ``grpc-previous-rpc-attempts`` on a
     retry, and the attempt span's trace context (``traceparent``; nothing when tracing is
-    off). One list per attempt; None when empty, as grpcio accepts."""
+    off). A new list when something is added; the call's own metadata (any sequence, or
+    None) when nothing is, as grpcio accepts."""
+    if aspan is NOOP_ATTEMPT and not tracing_state.passthrough:  # nothing to inject
+        return md if number == 1 else retry_metadata(md, number)  # type: ignore[no-any-return]
     if number != 1:
         md = retry_metadata(md, number)
     out = list(md) if md else []

@@ -52,6 +52,7 @@ from meshlib.grpc.attempt import (
     ok_result,
     result_from_error,
     settle_stream,
+    start_call,
 )
 from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
 
@@ -92,7 +93,8 @@ class _UnaryResponse(MultiCallableBase):
         tel = self._tel
         span = tel.start()
         recorder = tel.recorder
-        gen = self._start(metadata, timeout)
+        gen = start_call(self._dest, self._method, metadata, timeout, self._replayable,
+                         self._observer)
         md = base_metadata(metadata, self._extra)
         resp = None
         action: Any

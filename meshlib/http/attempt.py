@@ -52,7 +52,7 @@ def error_kind(exc: BaseException) -> str:
 def request_deadline(request: httpx.Request, now: float) -> Deadline | None:
     """Per-request deadline: ``extensions={"mesh_timeout": seconds}``, else the inherited one."""
     t = request.extensions.get("mesh_timeout")
-    inherited = current_deadline.get()
+    inherited = current_deadline.get() if current_deadline.ever_set else None
     if t is None:
         return inherited
     own = Deadline(now + float(t))

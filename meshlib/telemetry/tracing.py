@@ -288,6 +288,11 @@ class _NoopCall:
 
 _NOOP_ATTEMPT: Final = _NoopAttempt()
 _NOOP_CALL: Final = _NoopCall()
+#: The attempt span of every call while tracing is off (drivers compare by identity).
+NOOP_ATTEMPT: Final = _NOOP_ATTEMPT
+#: Tracing settings (read-only outside this module; ``passthrough``: forward inbound trace
+#: context without an SDK, see :func:`configure`).
+state: Final = _state
 
 
 def start_http_call(service: str, method: str | bytes) -> CallSpan | _NoopCall:
