@@ -20,8 +20,10 @@ bucketing: **at the moment of every allowed retry, the retries in the trailing w
 window.** (No budget can promise the bound for arbitrary windows not ending at a retry:
 deposits made just before a window legitimately fund retries inside it.)
 
-Per-request work is one integer division, one comparison and one ``+=``. Counters are updated
-without a lock: under the GIL a lost race costs one count of accuracy, never a crash.
+Per-request work is one comparison and one ``+=``: deposits of the current bucket count in
+``current`` and are folded into the ring when the clock passes ``current_end`` (the call plan
+inlines exactly this). Counters are updated without a lock: under the GIL a lost race costs
+one count of accuracy, never a crash.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class RetryBudget:
 
     __slots__ = (
         "percent", "min_retries_per_second", "window", "_now", "_n", "_inv_width",
-        "_reserve", "_dep", "_wd", "_cur",
+        "_reserve", "_dep", "_wd", "_cur", "current", "current_end",
     )
 
     def __init__(
@@ -71,6 +73,9 @@ class RetryBudget:
         self._dep = [0] * self._n
         self._wd = [0] * self._n
         self._cur = int(now() * self._inv_width)
+        #: deposits in the current bucket (not yet in ``_dep``) and when that bucket ends
+        self.current = 0
+        self.current_end = (self._cur + 1) / self._inv_width
 
     @classmethod
     def from_policy(cls, budget: Any, now: Callable[[], float]) -> RetryBudget:
@@ -82,6 +87,8 @@ class RetryBudget:
         if idx <= cur:
             return  # a clock read raced with another thread's advance
         n = self._n
+        self._dep[cur % n] += self.current  # fold the finished bucket's deposits
+        self.current = 0
         steps = idx - cur
         if steps >= n:
             for i in range(n):
@@ -92,37 +99,39 @@ class RetryBudget:
                 self._dep[b % n] = 0
                 self._wd[b % n] = 0
         self._cur = idx
+        self.current_end = (idx + 1) / self._inv_width
+
+    def _roll(self, now: float | None) -> None:
+        t = self._now() if now is None else now
+        if t >= self.current_end:
+            self._advance(int(t * self._inv_width))
 
     def deposit(self, now: float | None = None) -> None:
         """Record one request."""
-        idx = int((self._now() if now is None else now) * self._inv_width)
-        if idx != self._cur:
-            self._advance(idx)
-        self._dep[idx % self._n] += 1
+        t = self._now() if now is None else now
+        if t >= self.current_end:
+            self._advance(int(t * self._inv_width))
+        self.current += 1
 
     def _sums(self) -> tuple[int, int]:
         n = self._n
         cur = self._cur
         oldest = (cur + 1) % n  # the extra slot: withdrawals only
-        deposits = sum(self._dep) - self._dep[oldest]
+        deposits = sum(self._dep) - self._dep[oldest] + self.current
         return deposits, sum(self._wd)
 
     def available(self, now: float | None = None) -> float:
         """Retries the budget would allow right now (fractional)."""
-        idx = int((self._now() if now is None else now) * self._inv_width)
-        if idx != self._cur:
-            self._advance(idx)
+        self._roll(now)
         deposits, withdrawals = self._sums()
         return (self.percent * deposits + self._reserve) / 100.0 - withdrawals
 
     def try_withdraw(self, now: float | None = None) -> bool:
         """Take one retry from the budget; ``False`` (and nothing taken) when exhausted."""
-        idx = int((self._now() if now is None else now) * self._inv_width)
-        if idx != self._cur:
-            self._advance(idx)
+        self._roll(now)
         deposits, withdrawals = self._sums()
         if (withdrawals + 1) * 100.0 <= self.percent * deposits + self._reserve:
-            self._wd[idx % self._n] += 1
+            self._wd[self._cur % self._n] += 1
             return True
         return False
 

@@ -311,11 +311,17 @@ def run_call(
             idempotent = is_idempotent(
                 method, has_idempotency_key is not None and method not in retry.methods
                 and has_idempotency_key(), retry)
-        state = retry.start(t, deadline, idempotent, replayable, grpc)
-        if plan.hedging and not grpc and state.idempotent and state.replayable \
-                and len(candidates_all) > 1:
-            return (yield from cast(CallGen, _run_hedged(dest, plan, state, candidates_all,
+        dl = retry.deadline_for(t, deadline)  # also deposits into the retry budget
+        if plan.hedging and not grpc and idempotent and replayable and len(candidates_all) > 1:
+            hedged = CallState(dl, idempotent, replayable, grpc)
+            return (yield from cast(CallGen, _run_hedged(dest, plan, hedged, candidates_all,
                                                          hash_key, observer, t)))
+        # The retry state (CallState) is made when a first attempt fails and RetryPolicy.decide
+        # needs it; until then the attempt count and the endpoints tried are local.
+        state: CallState | None = None
+        n = 0
+        tried: set[str] | frozenset[str] = _EMPTY
+        at = dl.at
         result: AttemptResult | None = None
         health = dest.health
         stats = dest.stats
@@ -326,16 +332,14 @@ def run_call(
         load_slots = stats.slots
         rejects = 0
         while True:
-            at = state.deadline.at
             if at is not None and t >= at:
-                return _deadline_end(service, result, state)
+                return _deadline_end(service, result, n)
             candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
-            tried = state.tried
             ep = balancer.pick(candidates, tried, hash_key, t)
             if ep is None:
                 ep = _fallback_pick(balancer, candidates, candidates_all, tried, hash_key, t)
                 if ep is None:
-                    return _all_blocked(service, result, state, candidates_all)
+                    return _all_blocked(service, result, n, candidates_all)
             key = ep.key
             # The common cases of HealthRegistry.admit / LoadStats.start / .finish /
             # HealthRegistry.record are inlined below on the endpoint's two slots (one dict
@@ -348,11 +352,11 @@ def run_call(
                 if admission == REJECT:
                     rejects += 1
                     if rejects > len(candidates_all):
-                        return _all_refused(service, result, state)
+                        return _all_refused(service, result, n)
                     continue
             # CallState.begin_attempt and RetryPolicy.attempt_timeout, inlined (hot path);
             # ``tried`` became a set when the retry was decided (below)
-            n = state.attempt = state.attempt + 1
+            n += 1
             if n > 1:
                 tried.add(key)  # type: ignore[union-attr]
             if at is None:
@@ -368,7 +372,7 @@ def run_call(
                 ls.in_flight += 1
             start = t
             try:
-                result = yield Attempt(ep, timeout, n, state.deadline)
+                result = yield Attempt(ep, timeout, n, dl)
             except BaseException:  # cancelled mid-attempt: free the trial slot and the load
                 t = now()
                 stats.finish(ep, start, t, False)
@@ -392,15 +396,18 @@ def run_call(
                     dest.on_health(events)
             if outcome is _SUCCESS:  # RetryPolicy.decide would say FINISH
                 return CallEnd(result, n)
+            if state is None:
+                state = CallState(dl, idempotent, replayable, grpc)
+            state.attempt = n
             d = retry.decide(state, outcome, result.status, result.retry_after_s, t,
                              grpc_code=result.grpc_code, pushback_s=result.pushback_s)
             if d is FINISH:
-                return _ended(service, result, state, t)
+                return _ended(service, result, n, dl, t)
             if isinstance(d, Fail):
                 observer.stopped(d.reason)
-                return _ended(service, result, state, t, d.reason)
+                return _ended(service, result, n, dl, t, d.reason)
             if n == 1:
-                state.tried = {key}  # the next pick avoids the endpoint that just failed
+                tried = state.tried = {key}  # the next pick avoids the endpoint that failed
             observer.retry(outcome.value)
             delay = cast(Retry, d).delay_s
             if delay > 0:
@@ -469,19 +476,19 @@ def _run_hedged(
     try:
         while True:  # one round per iteration
             if state.deadline.expired(t):
-                return _deadline_end(service, result, state)
+                return _deadline_end(service, result, state.attempt)
             candidates = zones.select(candidates_all, t)
             ep = balancer.pick(candidates, state.tried, hash_key, t)
             if ep is None:
                 ep = _fallback_pick(balancer, candidates, candidates_all, state.tried,
                                     hash_key, t)
                 if ep is None:
-                    return _all_blocked(service, result, state, candidates_all)
+                    return _all_blocked(service, result, state.attempt, candidates_all)
             admission = health.admit(ep, t)
             if admission == REJECT:
                 rejects += 1
                 if rejects > len(candidates_all):
-                    return _all_refused(service, result, state)
+                    return _all_refused(service, result, state.attempt)
                 continue
             msg = yield start(ep, admission, t)
             while True:  # until this round's copies have all answered (or one won)
@@ -515,9 +522,9 @@ def _run_hedged(
                              grpc_code=result.grpc_code, pushback_s=result.pushback_s)
             if isinstance(d, Fail):
                 observer.stopped(d.reason)
-                return _ended(service, result, state, t, d.reason)
+                return _ended(service, result, state.attempt, state.deadline, t, d.reason)
             if not isinstance(d, Retry):  # FINISH (is_retryable said otherwise just above)
-                return _ended(service, result, state, t)
+                return _ended(service, result, state.attempt, state.deadline, t)
             observer.retry(outcome.value)
             if d.delay_s > 0:
                 yield Sleep(d.delay_s, "backoff")
@@ -531,7 +538,7 @@ def _run_hedged(
             inflight.clear()
 
 
-def _ended(service: str, result: AttemptResult, state: CallState, t: float,
+def _ended(service: str, result: AttemptResult, attempts: int, deadline: Deadline, t: float,
            stopped: str | None = None) -> CallEnd:
     """The end of a call whose last attempt stands. A failed attempt without an HTTP status
     whose retry the deadline refused, or that got no answer at all (no gRPC status either)
@@ -539,15 +546,15 @@ def _ended(service: str, result: AttemptResult, state: CallState, t: float,
     its deadline error); anything else returns the last result."""
     if result.status is None and result.outcome is not Outcome.SUCCESS and (
             stopped == "deadline_exceeded"
-            or (result.grpc_code is None and state.deadline.expired(t))):
-        return _deadline_end(service, result, state, stopped)
-    return CallEnd(result, state.attempt, stopped=stopped)
+            or (result.grpc_code is None and deadline.expired(t))):
+        return _deadline_end(service, result, attempts, stopped)
+    return CallEnd(result, attempts, stopped=stopped)
 
 
-def _deadline_end(service: str, result: AttemptResult | None, state: CallState,
+def _deadline_end(service: str, result: AttemptResult | None, attempts: int,
                   stopped: str | None = None) -> CallEnd:
-    return CallEnd(result, state.attempt, FailureKind.DEADLINE,
-                   f"service {service!r}: deadline exceeded after {state.attempt} attempt(s)",
+    return CallEnd(result, attempts, FailureKind.DEADLINE,
+                   f"service {service!r}: deadline exceeded after {attempts} attempt(s)",
                    stopped=stopped)
 
 
@@ -572,15 +579,15 @@ def _fallback_pick(balancer: Any, candidates: tuple[Any, ...], candidates_all: t
     return ep
 
 
-def _all_blocked(service: str, result: AttemptResult | None, state: CallState,
+def _all_blocked(service: str, result: AttemptResult | None, attempts: int,
                  candidates_all: tuple[Any, ...]) -> CallEnd:
-    return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
+    return CallEnd(result, attempts, FailureKind.CIRCUIT_OPEN,
                    f"service {service!r}: all {len(candidates_all)} endpoint(s) "
                    "are ejected or have an open circuit breaker")
 
 
-def _all_refused(service: str, result: AttemptResult | None, state: CallState) -> CallEnd:
-    return CallEnd(result, state.attempt, FailureKind.CIRCUIT_OPEN,
+def _all_refused(service: str, result: AttemptResult | None, attempts: int) -> CallEnd:
+    return CallEnd(result, attempts, FailureKind.CIRCUIT_OPEN,
                    f"service {service!r}: circuit breakers refused every endpoint")
 
 

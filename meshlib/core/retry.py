@@ -348,23 +348,24 @@ class RetryPolicy:
         """
         t = self._now() if now is None else now
         idem = True if grpc else is_idempotent(method, has_idempotency_key, self)
-        return self.start(t, deadline, idem, replayable, grpc)
+        return CallState(self.deadline_for(t, deadline), idem, replayable, grpc)
 
-    def start(self, t: float, deadline: Deadline | None, idempotent: bool, replayable: bool,
-              grpc: bool) -> CallState:
-        """:meth:`new_call` with the idempotency already decided (the call plan's entry:
-        positional, one frame): deposits into the budget and fixes the deadline at ``t``."""
+    def deadline_for(self, t: float, deadline: Deadline | None) -> Deadline:
+        """A call starts at ``t``: deposit into the retry budget and return its overall
+        deadline, the earlier of ``t + timeout`` and ``deadline`` (inherited or the caller's).
+        The call plan's entry (positional, one frame; :meth:`new_call` adds the state)."""
         budget = self.budget
-        if budget is not None:
-            budget.deposit(t)
+        if budget is not None:  # RetryBudget.deposit, inlined
+            if t >= budget.current_end:
+                budget.deposit(t)
+            else:
+                budget.current += 1
         timeout = self.timeout
         if timeout is None:
-            dl = _UNBOUNDED if deadline is None else deadline
-        elif deadline is not None and deadline.at is not None and deadline.at < t + timeout:
-            dl = deadline
-        else:
-            dl = Deadline(t + timeout)
-        return CallState(dl, idempotent, replayable, grpc)
+            return _UNBOUNDED if deadline is None else deadline
+        if deadline is not None and deadline.at is not None and deadline.at < t + timeout:
+            return deadline
+        return Deadline(t + timeout)
 
     def attempt_timeout(self, state: CallState, now: float) -> float | None:
         """Timeout of the next attempt: ``min(per_try_timeout, remaining overall)``."""
