@@ -42,6 +42,8 @@ from meshlib.grpc.attempt import (
     start_call,
 )
 from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
+from meshlib.telemetry.tracing import NOOP_ATTEMPT, NOOP_CALL
+from meshlib.telemetry.tracing import state as _tstate
 
 if TYPE_CHECKING:
     pass
@@ -61,7 +63,9 @@ class _AioMultiCallable(MultiCallableBase):
                  metadata: Any = None, credentials: Any = None,
                  wait_for_ready: bool | None = None, compression: Any = None) -> Any:
         started = perf_counter()
-        span = self._tel.start()
+        # tel.start() when tracing may be on; the shared no-op span, without a call, when off
+        span = (NOOP_CALL if _tstate.tracer is None and started < _tstate.next_check
+                else self._tel.start())
         gen = start_call(self._dest, self._method, metadata, timeout, self._replayable,
                          self._observer)
         cls = _AioUnaryCall if self._kind in _UNARY_RESPONSE else _AioStreamCall
@@ -123,10 +127,19 @@ class _AioCallBase:
             self._pending = action
             return
         ep = action.endpoint
-        mc = self._owner._mc(ep)
+        owner = self._owner
+        mc = owner._mcs.get(ep.key) if owner._gen == owner._pool.generation else None
+        if mc is None:
+            mc = owner._mc(ep)
         n = action.number
-        aspan = self._span.attempt(n, ep.address, ep.port)
-        md = attempt_metadata(self._md, n, aspan)
+        span = self._span
+        if span is NOOP_CALL:  # tracing off: no span calls, metadata as it is
+            aspan = NOOP_ATTEMPT
+            md = (self._md if n == 1 and not _tstate.passthrough
+                  else attempt_metadata(self._md, n, aspan))
+        else:
+            aspan = span.attempt(n, ep.address, ep.port)
+            md = attempt_metadata(self._md, n, aspan)
         extra = self._extra
         self._aspan, self._n, self._t0 = aspan, n, perf_counter()
         self._deadline = action.deadline
@@ -142,7 +155,8 @@ class _AioCallBase:
         self._done = True
         if end.result is OK_RESULT:  # _value already holds the response
             self._owner._tel.ok_call.observe(perf_counter() - self._started)
-            self._span.end("OK", None)
+            if self._span is not NOOP_CALL:
+                self._span.end("OK", None)
         else:
             exc = end_error(end, self._owner._service, aio=True)
             if exc is None:
@@ -284,15 +298,25 @@ class _AioUnaryCall(_AioCallBase):
                         result = OK_RESULT
                         aspan, self._aspan = self._aspan, None
                         n = self._n
+                        tel = self._owner._tel
                         if n == 1:
-                            self._owner._tel.ok_attempt.observe(perf_counter() - self._t0)
+                            tel.ok_attempt.observe(perf_counter() - self._t0)
                         else:
-                            self._owner._tel.recorder.attempt(n, _SUCCESS,
-                                                              perf_counter() - self._t0)
-                        aspan.end("OK", None)
+                            tel.recorder.attempt(n, _SUCCESS, perf_counter() - self._t0)
+                        if aspan is not NOOP_ATTEMPT:
+                            aspan.end("OK", None)
                     self._next(gen.send(result))
             except StopIteration as stop:
-                self._end(stop.value)
+                end = stop.value
+                if end.result is OK_RESULT and not self._callbacks:
+                    # _end(end) inlined: the hot path (_value holds the response)
+                    self._gen = None
+                    self._done = True
+                    self._owner._tel.ok_call.observe(perf_counter() - self._started)
+                    if self._span is not NOOP_CALL:
+                        self._span.end("OK", None)
+                    return self._value
+                self._end(end)
             except BaseException as exc:
                 gen.close()  # frees the concurrency slot, the load count and any breaker trial
                 self._gen = None

@@ -55,6 +55,8 @@ from meshlib.grpc.attempt import (
     start_call,
 )
 from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
+from meshlib.telemetry.tracing import NOOP_ATTEMPT, NOOP_CALL
+from meshlib.telemetry.tracing import state as _tstate
 
 _sleep = time.sleep
 _SUCCESS = Outcome.SUCCESS
@@ -91,7 +93,9 @@ class _UnaryResponse(MultiCallableBase):
                   wait_for_ready: bool | None, compression: Any, with_call: bool) -> Any:
         started = perf_counter()
         tel = self._tel
-        span = tel.start()
+        # tel.start() when tracing may be on; the shared no-op span, without a call, when off
+        span = (NOOP_CALL if _tstate.tracer is None and started < _tstate.next_check
+                else tel.start())
         recorder = tel.recorder
         gen = start_call(self._dest, self._method, metadata, timeout, self._replayable,
                          self._observer)
@@ -109,10 +113,17 @@ class _UnaryResponse(MultiCallableBase):
                     action = gen.send(None)
                     continue
                 ep = action.endpoint
-                mc = self._mc(ep)
+                mc = self._mcs.get(ep.key) if self._gen == self._pool.generation else None
+                if mc is None:
+                    mc = self._mc(ep)
                 n = action.number
-                aspan = span.attempt(n, ep.address, ep.port)
-                amd = attempt_metadata(md, n, aspan)
+                if span is NOOP_CALL:  # tracing off: no span calls, metadata as it is
+                    aspan = NOOP_ATTEMPT
+                    amd = (md if n == 1 and not _tstate.passthrough
+                           else attempt_metadata(md, n, aspan))
+                else:
+                    aspan = span.attempt(n, ep.address, ep.port)
+                    amd = attempt_metadata(md, n, aspan)
                 t0 = perf_counter()
                 try:
                     if with_call:
@@ -130,7 +141,8 @@ class _UnaryResponse(MultiCallableBase):
                         tel.ok_attempt.observe(perf_counter() - t0)
                     else:
                         recorder.attempt(n, _SUCCESS, perf_counter() - t0)
-                    aspan.end("OK", None)
+                    if aspan is not NOOP_ATTEMPT:
+                        aspan.end("OK", None)
                 aspan = None
                 action = gen.send(result)
         except StopIteration as stop:
@@ -143,7 +155,8 @@ class _UnaryResponse(MultiCallableBase):
             raise
         if end.result is OK_RESULT:
             tel.ok_call.observe(perf_counter() - started)  # call_ended(..., None)
-            span.end("OK", None)
+            if span is not NOOP_CALL:
+                span.end("OK", None)
             return resp
         error = end_error(end, self._service, aio=False)
         call_ended(tel, span, started, end, error)

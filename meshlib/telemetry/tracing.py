@@ -61,6 +61,11 @@ _TRACER_NAME: Final = "meshlib"
 
 
 class _State:
+    """``tracer`` (None while tracing is off) and ``next_check``: the ``time.perf_counter()``
+    reading after which :func:`_tracer` looks for a configured SDK again. A driver that has
+    just read ``perf_counter()`` knows tracing is off, with no call, when
+    ``tracer is None and now < next_check``."""
+
     __slots__ = ("next_check", "override", "passthrough", "tracer")
 
     def __init__(self) -> None:
@@ -88,7 +93,7 @@ def _tracer() -> trace.Tracer | None:
     t = _state.tracer
     if t is not None:
         return t
-    now = time.monotonic()
+    now = time.perf_counter()
     if now < _state.next_check:
         return None
     _state.next_check = now + RECHECK_SECONDS
@@ -288,7 +293,9 @@ class _NoopCall:
 
 _NOOP_ATTEMPT: Final = _NoopAttempt()
 _NOOP_CALL: Final = _NoopCall()
-#: The attempt span of every call while tracing is off (drivers compare by identity).
+#: The call and attempt spans of every call while tracing is off (drivers compare by
+#: identity and skip the no-op calls).
+NOOP_CALL: Final = _NOOP_CALL
 NOOP_ATTEMPT: Final = _NOOP_ATTEMPT
 #: Tracing settings (read-only outside this module; ``passthrough``: forward inbound trace
 #: context without an SDK, see :func:`configure`).
@@ -318,7 +325,7 @@ def start_rpc_call(service: str, rpc_service: str, rpc_method: str,
     """Open the span of one logical RPC to mesh service ``service``."""
     tracer = _state.tracer
     if tracer is None:
-        if time.monotonic() < _state.next_check:  # _tracer()'s answer, without the frame
+        if time.perf_counter() < _state.next_check:  # _tracer()'s answer, without the frame
             return _NOOP_CALL
         tracer = _tracer()
         if tracer is None:
