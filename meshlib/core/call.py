@@ -72,6 +72,7 @@ from meshlib.core.retry import FINISH, CallState, Fail, Retry, is_idempotent
 
 _EMPTY: frozenset[str] = frozenset()
 _SUCCESS = Outcome.SUCCESS
+_new = object.__new__
 
 
 class FailureKind:
@@ -284,7 +285,10 @@ def run_call(
     if not plan.endpoint_count:
         return CallEnd(None, 0, FailureKind.NO_ENDPOINTS,
                        f"service {service!r} has no endpoints in etcd")
-    if not dest.acquire():
+    tokens = dest.tokens
+    try:  # DestinationState.acquire, inlined
+        tokens.pop()
+    except IndexError:
         return CallEnd(None, 0, FailureKind.CONCURRENCY,
                        f"service {service!r}: concurrency limit reached "
                        f"({plan.max_requests} requests in flight)")
@@ -371,8 +375,13 @@ def run_call(
             else:
                 ls.in_flight += 1
             start = t
+            action = _new(Attempt)  # Attempt(ep, timeout, n, dl) without the __init__ frame
+            action.endpoint = ep
+            action.timeout = timeout
+            action.number = n
+            action.deadline = dl
             try:
-                result = yield Attempt(ep, timeout, n, dl)
+                result = yield action
             except BaseException:  # cancelled mid-attempt: free the trial slot and the load
                 t = now()
                 stats.finish(ep, start, t, False)
@@ -395,7 +404,12 @@ def run_call(
                     observer.health(events)
                     dest.on_health(events)
             if outcome is _SUCCESS:  # RetryPolicy.decide would say FINISH
-                return CallEnd(result, n)
+                end = _new(CallEnd)  # CallEnd(result, n) without the __init__ frame
+                end.result = result
+                end.attempts = n
+                end.failure = end.stopped = end.status = None
+                end.message = ""
+                return end
             if state is None:
                 state = CallState(dl, idempotent, replayable, grpc)
             state.attempt = n
@@ -414,7 +428,10 @@ def run_call(
                 yield Sleep(delay, "backoff")
                 t = now()
     finally:
-        dest.release()
+        if dest.debt:
+            dest.release()
+        else:
+            tokens.append(None)  # DestinationState.release, inlined
 
 
 def _run_hedged(

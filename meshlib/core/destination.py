@@ -124,9 +124,9 @@ class DestinationState:
         self._budget: RetryBudget | None = None
         self._budget_cfg: Any = None
         self._plan: Plan | None = None
-        self._tokens: deque[None] = deque()
+        self.tokens: deque[None] = deque()
         self._limit = 0
-        self._debt = 0
+        self.debt = 0
         self._limit_lock = threading.Lock()
         #: pybreaker listeners told of every breaker transition (``Mesh(breaker_listeners=)``)
         self.breaker_listeners: list[Any] = []
@@ -183,36 +183,36 @@ class DestinationState:
         with self._limit_lock:
             diff = limit - self._limit
             self._limit = limit
-            while diff > 0 and self._debt > 0:
-                self._debt -= 1
+            while diff > 0 and self.debt > 0:
+                self.debt -= 1
                 diff -= 1
             if diff > 0:
-                self._tokens.extend(repeat(None, diff))
+                self.tokens.extend(repeat(None, diff))
             while diff < 0:
                 try:
-                    self._tokens.pop()
+                    self.tokens.pop()
                 except IndexError:
-                    self._debt -= diff  # the rest are in use: owed by their releases
+                    self.debt -= diff  # the rest are in use: owed by their releases
                     break
                 diff += 1
 
     def acquire(self) -> bool:
         try:
-            self._tokens.pop()
+            self.tokens.pop()
         except IndexError:
             return False
         return True
 
     def release(self) -> None:
-        if self._debt:
+        if self.debt:
             with self._limit_lock:
-                if self._debt:
-                    self._debt -= 1
+                if self.debt:
+                    self.debt -= 1
                     return
-        self._tokens.append(None)
+        self.tokens.append(None)
 
     @property
     def inflight(self) -> int:
         """Calls holding a slot right now."""
         with self._limit_lock:
-            return self._limit - len(self._tokens) + self._debt
+            return self._limit - len(self.tokens) + self.debt

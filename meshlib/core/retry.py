@@ -245,6 +245,7 @@ class HedgingPlan:
 
 
 _NONE_TRIED: frozenset[str] = frozenset()
+_new = object.__new__
 #: The deadline of calls with neither a policy timeout nor an inherited one (immutable).
 _UNBOUNDED = Deadline(None)
 
@@ -365,7 +366,9 @@ class RetryPolicy:
             return _UNBOUNDED if deadline is None else deadline
         if deadline is not None and deadline.at is not None and deadline.at < t + timeout:
             return deadline
-        return Deadline(t + timeout)
+        dl = _new(Deadline)  # Deadline(t + timeout) without the __init__ frame
+        dl.at = t + timeout
+        return dl
 
     def attempt_timeout(self, state: CallState, now: float) -> float | None:
         """Timeout of the next attempt: ``min(per_try_timeout, remaining overall)``."""
