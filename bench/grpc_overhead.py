@@ -8,7 +8,12 @@ mesh ``grpc.aio`` channel. Calls are sequential (latency, not throughput). The m
 run the full call plan with the default policy (including its 15 s deadline, sent as
 ``grpc-timeout``).
 
-    .venv/bin/python bench/grpc_overhead.py [--rounds 12] [--batch 400]
+Many short batches (default 200 rounds of 40 calls per variant, rotating order) rather than a
+few long ones: on a shared machine the latency drifts by several percent within seconds, and
+short interleaved batches spread that drift evenly over the variants (with 12 rounds of 400 the
+same code measured anywhere from 1.01 to 1.06 run to run; with 200 x 40, within +-0.5 %).
+
+    .venv/bin/python bench/grpc_overhead.py [--rounds 200] [--batch 40]
 
 Last line: ``grpc_overhead_ratio sync=<r> aio=<r>`` (mesh p50 / plain p50). Target <= 1.05.
 """
@@ -64,8 +69,8 @@ async def aio_batch(stub: pb_grpc.TestServiceStub, n: int, out: list[int]) -> No
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=400)
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=40)
     args = ap.parse_args()
 
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
