@@ -414,3 +414,23 @@ def test_concurrent_picks_never_see_a_half_updated_schedule(algo):
         t.join()
     assert misses == [0] * 8
     assert len(b.group(eps).state) == len(eps)  # every schedule entry was put back
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_a_single_candidate_is_picked_unless_excluded_or_blocked(algo):
+    """One candidate skips the balancing step (as Envoy does for one host); exclusion and
+    health still apply, and alternating candidate tuples keep their own groups."""
+    clock = Clock()
+    health = HealthRegistry(None, None, clock)
+    one = (ep(1),)
+    two = (ep(2), ep(3))
+    b = make(algo, clock=clock, health=health)
+    for k in range(20):
+        assert b.pick(one, hash_key=str(k)) is one[0]
+        assert b.pick(two, hash_key=str(k)) in two  # switching groups back and forth
+    assert b.pick(one, exclude={one[0].key}) is None
+    health.slot(one[0].key).blocked_until = clock.t + 5
+    assert b.pick(one) is None
+    clock.t += 5
+    assert b.pick(one) is one[0]
+    assert b.pick((), hash_key="k") is None
