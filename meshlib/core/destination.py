@@ -115,7 +115,7 @@ class DestinationState:
         # ``lookup(service)`` (a C-level ``dict.get`` of the snapshot store, Mesh): the call
         # path reads the published snapshot with no Python frame; ``snapshot()`` is asked only
         # when it has none (not watched yet).
-        self._lookup = lookup
+        self.lookup = lookup
         self.zone = zone
         self.now = now
         self.rng = rng or random.Random()
@@ -123,7 +123,7 @@ class DestinationState:
         self.health = HealthRegistry(None, None, now)
         self._budget: RetryBudget | None = None
         self._budget_cfg: Any = None
-        self._plan: Plan | None = None
+        self.current: Plan | None = None
         self.tokens: deque[None] = deque()
         self._limit = 0
         self.debt = 0
@@ -166,13 +166,13 @@ class DestinationState:
 
     def plan(self) -> Plan:
         """The plan for the current snapshot (recompiled only when the snapshot changed)."""
-        lookup = self._lookup
+        lookup = self.lookup
         snap = lookup(self.service) if lookup is not None else None
         if snap is None:
             snap = self._snapshot()
-        plan = self._plan
+        plan = self.current
         if plan is None or plan.snapshot is not snap:
-            plan = self._plan = Plan(self, snap)
+            plan = self.current = Plan(self, snap)
         return plan
 
     # --- concurrency limit (Envoy max_requests) ------------------------------------------

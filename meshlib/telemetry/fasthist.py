@@ -9,13 +9,15 @@ and several microseconds with cold caches, twice per mesh call (call + attempt).
 Algorithm (the classic Prometheus client layout, as in the Go client's ``histogram.go``:
 per-bucket *non-cumulative* counts, made cumulative only at scrape time):
 
-* A child holds one ``threading.Lock``, a preallocated list of per-bucket counts (one slot
-  per finite bound plus ``+Inf``) and the sum. ``observe(v)`` finds the bucket with
-  ``bisect.bisect_left`` on the finite bounds (the first bound ``>= v``: Prometheus buckets
-  are ``le``, inclusive) *outside* the lock, then under the lock adds 1 to that slot and ``v``
-  to the sum. Holding a lock for two additions keeps counts exact under any interleaving
-  (no lost increments, also on free-threaded CPython); an uncontended lock costs far less
-  than prometheus_client's two.
+* A child holds a preallocated list of per-bucket counts (one slot per finite bound plus
+  ``+Inf``) and the sum. ``observe(v)`` finds the bucket with ``bisect.bisect_left`` on the
+  finite bounds (the first bound ``>= v``: Prometheus buckets are ``le``, inclusive)
+  *outside* the lock, then under the lock adds 1 to that slot and ``v`` to the sum. Holding
+  a lock for two additions keeps counts exact under any interleaving (no lost increments,
+  also on free-threaded CPython). All children share one lock (held for two additions only,
+  so it is never held long) and families with equal buckets share one bounds tuple: a mesh
+  call observes two series, and with cold caches each distinct object it touches costs more
+  than the lock ever waits.
 * ``_count`` is not stored: as in prometheus_client it is the sum of the buckets, so count
   and ``+Inf`` can never disagree.
 * :meth:`FastHistogram.collect` snapshots each child under its lock and yields the samples
@@ -58,8 +60,14 @@ def _use_created() -> bool:
     return bool(getattr(_pm, "_use_created", True))
 
 
+#: The lock of every child (see the module docstring).
+_LOCK = threading.Lock()
+#: Bounds tuples by value, so that families with the same buckets share one.
+_BOUNDS: dict[tuple[float, ...], tuple[float, ...]] = {}
+
+
 class HistogramChild:
-    """One labelled series: per-bucket counts and the sum, behind one lock."""
+    """One labelled series: per-bucket counts and the sum, behind the shared lock."""
 
     __slots__ = ("_bounds", "_counts", "_lock", "_sum", "created")
 
@@ -67,7 +75,7 @@ class HistogramChild:
         self._bounds = bounds  # finite bounds, sorted; the +Inf slot is implicit
         self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
-        self._lock = threading.Lock()
+        self._lock = _LOCK
         self.created = time.time()
 
     def observe(self, amount: float) -> None:
@@ -113,7 +121,7 @@ class FastHistogram:
         self.name = name
         self.documentation = documentation
         self.labelnames = names
-        self.bounds: tuple[float, ...] = tuple(bounds)
+        self.bounds: tuple[float, ...] = _BOUNDS.setdefault(tuple(bounds), tuple(bounds))
         self._le = tuple(floatToGoString(b) for b in (*bounds, math.inf))
         self._children: dict[tuple[str, ...], HistogramChild] = {}
         self._lock = threading.Lock()
