@@ -68,12 +68,6 @@ _SUCCESS = Outcome.SUCCESS
 class _UnaryResponse(MultiCallableBase):
     """unary-unary and stream-unary (the latter with ``replayable=False``)."""
 
-    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
-                 credentials: Any = None, wait_for_ready: bool | None = None,
-                 compression: Any = None) -> Any:
-        return self._blocking(request, timeout, metadata, credentials, wait_for_ready,
-                              compression, False)
-
     def with_call(self, request: Any, timeout: float | None = None, metadata: Any = None,
                   credentials: Any = None, wait_for_ready: bool | None = None,
                   compression: Any = None) -> tuple[Any, grpc.Call]:
@@ -89,8 +83,11 @@ class _UnaryResponse(MultiCallableBase):
         return _UnaryFuture(self, request, base_metadata(metadata, self._extra), gen,
                             (credentials, wait_for_ready, compression), span, started)
 
-    def _blocking(self, request: Any, timeout: float | None, metadata: Any, credentials: Any,
-                  wait_for_ready: bool | None, compression: Any, with_call: bool) -> Any:
+    def _blocking(self, request: Any, timeout: float | None = None, metadata: Any = None,
+                  credentials: Any = None, wait_for_ready: bool | None = None,
+                  compression: Any = None, with_call: bool = False) -> Any:
+        """``__call__`` (``with_call`` False: the response) and ``with_call`` (True: the
+        response and the call); one frame for the common blocking call."""
         started = perf_counter()
         tel = self._tel
         # tel.start() when tracing may be on; the shared no-op span, without a call, when off
@@ -163,6 +160,8 @@ class _UnaryResponse(MultiCallableBase):
         if error is not None:
             raise error
         return end.result.value  # type: ignore[union-attr]
+
+    __call__ = _blocking
 
 
 class UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):
