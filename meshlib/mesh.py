@@ -20,12 +20,11 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import httpx
 
 from meshlib.config import DEFAULT_POLICY
-from meshlib.core.call import NULL_OBSERVER, CallObserver
 from meshlib.core.destination import DestinationState
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
 from meshlib.discovery.etcd_client import EtcdClient
@@ -33,7 +32,12 @@ from meshlib.discovery.keys import DEFAULT_PREFIX, KeyLayout, check_service_name
 from meshlib.discovery.registration import Registration
 from meshlib.discovery.store import SnapshotStore
 from meshlib.discovery.watch import WatchManager
+from meshlib.ports import CallKind, MeshPort, SnapshotListener
 from meshlib.telemetry import metrics
+
+if TYPE_CHECKING:
+    from meshlib.grpc import AioMeshChannel, MeshChannel
+    from meshlib.telemetry.recorders import HttpClientRecorder, RpcClientRecorder
 
 log = logging.getLogger("meshlib")
 
@@ -155,7 +159,7 @@ class Mesh:
         self.watch(service)
         return self.store.get(service) or ServiceSnapshot(service, policy=DEFAULT_POLICY)
 
-    def add_listener(self, listener: Callable[[str, ServiceSnapshot], None]) -> Callable[[], None]:
+    def add_listener(self, listener: SnapshotListener) -> Callable[[], None]:
         """Call ``listener(service, snapshot)`` from the watch thread on every swap."""
         return self.store.add_listener(listener)
 
@@ -246,16 +250,24 @@ class Mesh:
         changed state so far, by endpoint key (only with ``Mesh(breaker_listeners=[...])``)."""
         return dict(self.destination(service).breakers)
 
-    def call_observer(self, kind: str, service: str | None = None) -> CallObserver:
-        """The telemetry recorder of calls of ``kind`` ("http" or "grpc") to ``service``;
-        it is also the call plan's observer (retries, refusals, breaker and ejection events)."""
-        if service is None:
-            return NULL_OBSERVER
+    @overload
+    def call_observer(self, kind: Literal["http"], service: str) -> HttpClientRecorder: ...
+    @overload
+    def call_observer(self, kind: Literal["grpc"], service: str) -> RpcClientRecorder: ...
+    def call_observer(
+        self, kind: CallKind, service: str
+    ) -> HttpClientRecorder | RpcClientRecorder:
+        """The telemetry recorder of calls of ``kind`` ("http" or "grpc") to ``service``
+        (process-wide, one per kind and service); it is also the call plan's observer
+        (:class:`meshlib.core.call.CallObserver`: retries, refusals, breaker and ejection
+        events)."""
         from meshlib.telemetry.recorders import HttpClientRecorder, RpcClientRecorder
 
         if kind == "grpc":
-            return RpcClientRecorder.for_service(service)  # type: ignore[return-value]
-        return HttpClientRecorder.for_service(service)  # type: ignore[return-value]
+            return RpcClientRecorder.for_service(service)
+        if kind == "http":
+            return HttpClientRecorder.for_service(service)
+        raise ValueError(f"call_observer kind must be 'http' or 'grpc', not {kind!r}")
 
     def http_client(self, *, passthrough: bool = True, **kwargs: Any) -> httpx.Client:
         """An ``httpx.Client`` whose transport is the mesh: ``client.get("http://orders/x")``."""
@@ -273,7 +285,7 @@ class Mesh:
             transport=AsyncMeshTransport(self, passthrough=passthrough), **kwargs
         )
 
-    def grpc_channel(self, service: str, **options: Any) -> Any:
+    def grpc_channel(self, service: str, **options: Any) -> MeshChannel:
         """A ``grpc.Channel`` to ``service`` through the mesh: ``OrdersStub(mesh.grpc_channel("orders"))``.
 
         ``options``: see :class:`meshlib.grpc.MeshChannel` (``options=[(arg, value)]`` channel
@@ -282,7 +294,7 @@ class Mesh:
 
         return MeshChannel(self, service, **options)
 
-    def aio_grpc_channel(self, service: str, **options: Any) -> Any:
+    def aio_grpc_channel(self, service: str, **options: Any) -> AioMeshChannel:
         """A ``grpc.aio.Channel`` to ``service`` through the mesh (create it on its event loop)."""
         from meshlib.grpc import AioMeshChannel
 
@@ -346,6 +358,11 @@ class Mesh:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _port(mesh: Mesh) -> MeshPort:
+    """Never called: mypy checks here that ``Mesh`` satisfies the drivers' port."""
+    return mesh
 
 
 _live_meshes: weakref.WeakSet[Mesh] = weakref.WeakSet()

@@ -51,7 +51,7 @@ from meshlib.telemetry.recorders import HttpServerRecorder, error_type_of
 from meshlib.telemetry.tracing import start_server_span
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 __all__ = ["MeshASGIMiddleware", "route_of_scope"]
 
@@ -98,7 +98,7 @@ class MeshASGIMiddleware:
     on a fresh registry; default: the process registry).
     """
 
-    def __init__(self, app: ASGIApp, mesh: Mesh | None = None, *, service: str | None = None,
+    def __init__(self, app: ASGIApp, mesh: MeshPort | None = None, *, service: str | None = None,
                  metrics: MeshMetrics | None = None) -> None:
         self.app = app
         self.service = resolve_service(mesh, service, "MeshASGIMiddleware")

@@ -36,7 +36,7 @@ from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, Deadline, parse_timeout
 from meshlib.telemetry import semconv as sc
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 __all__ = [
     "EXPIRED_BODY",
@@ -60,7 +60,7 @@ EXPIRED_BODY: Final = b'{"error": "deadline_exceeded"}'
 _logged_bad_timeouts: set[str] = set()
 
 
-def resolve_service(mesh: Mesh | None, service: str | None, where: str) -> str:
+def resolve_service(mesh: MeshPort | None, service: str | None, where: str) -> str:
     """This service's name: ``service``, else ``mesh.service``; required with a mesh (the
     access policy is the one of this service)."""
     name = service if service is not None else getattr(mesh, "service", None)
@@ -79,7 +79,7 @@ class AccessGate:
 
     __slots__ = ("mesh", "service")
 
-    def __init__(self, mesh: Mesh | None, service: str) -> None:
+    def __init__(self, mesh: MeshPort | None, service: str) -> None:
         self.mesh = mesh
         self.service = service
         if mesh is not None:

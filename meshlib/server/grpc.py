@@ -52,7 +52,7 @@ from meshlib.telemetry.recorders import RpcServerRecorder, error_type_of, split_
 from meshlib.telemetry.tracing import start_server_span
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 __all__ = ["AioMeshServerInterceptor", "MeshServerInterceptor"]
 
@@ -162,7 +162,7 @@ class _Call:
 
 
 class _Interceptor:
-    def __init__(self, mesh: Mesh | None, service: str | None, metrics: MeshMetrics | None,
+    def __init__(self, mesh: MeshPort | None, service: str | None, metrics: MeshMetrics | None,
                  where: str) -> None:
         self.service = resolve_service(mesh, service, where)
         self.gate = AccessGate(mesh, self.service)
@@ -251,7 +251,7 @@ class MeshServerInterceptor(_Interceptor, grpc.ServerInterceptor):  # type: igno
     enforces no access policy; ``metrics``: a ``MeshMetrics`` (default: process registry).
     """
 
-    def __init__(self, mesh: Mesh | None = None, *, service: str | None = None,
+    def __init__(self, mesh: MeshPort | None = None, *, service: str | None = None,
                  metrics: MeshMetrics | None = None) -> None:
         super().__init__(mesh, service, metrics, "MeshServerInterceptor")
 
@@ -337,7 +337,7 @@ class AioMeshServerInterceptor(_Interceptor, grpc.aio.ServerInterceptor):  # typ
     """For ``grpc.aio.server(interceptors=[AioMeshServerInterceptor(mesh)])``; same options
     as :class:`MeshServerInterceptor`."""
 
-    def __init__(self, mesh: Mesh | None = None, *, service: str | None = None,
+    def __init__(self, mesh: MeshPort | None = None, *, service: str | None = None,
                  metrics: MeshMetrics | None = None) -> None:
         super().__init__(mesh, service, metrics, "AioMeshServerInterceptor")
 

@@ -44,7 +44,7 @@ from meshlib.telemetry.recorders import HttpServerRecorder, error_type_of
 from meshlib.telemetry.tracing import start_server_span
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 __all__ = ["MeshWSGIMiddleware", "route_of_environ"]
 
@@ -117,7 +117,7 @@ class MeshWSGIMiddleware:
     ``service`` defaults to ``mesh.service``; ``mesh=None`` enforces no access policy.
     """
 
-    def __init__(self, app: WSGIApp, mesh: Mesh | None = None, *, service: str | None = None,
+    def __init__(self, app: WSGIApp, mesh: MeshPort | None = None, *, service: str | None = None,
                  metrics: MeshMetrics | None = None) -> None:
         self.app = app
         self.service = resolve_service(mesh, service, "MeshWSGIMiddleware")
