@@ -230,6 +230,7 @@ class Mesh:
                         lookup=self.store.lookup, zone=self.zone,
                     )
                     dest.breaker_listeners = self.breaker_listeners
+                    dest.observer = self.call_observer("http", service)  # policy changes
                     self._sync_endpoint_gauges(service, self.snapshot(service))
                     self._destinations[service] = dest
         return dest

@@ -343,6 +343,9 @@ class LoadBalancer(_Model):
     ring_size: int = Field(default=1024, ge=64, le=65536)
     zone_aware: bool = True
     min_zone_healthy_percent: int = Field(default=50, ge=0, le=100)
+    #: least_request with unequal weights: effective weight = weight / (active + 1) ** bias
+    #: (Envoy ``active_request_bias``; 0 = plain weighted round robin).
+    active_request_bias: float = Field(default=1.0, ge=0, le=10)
     ewma: Ewma = Ewma()
 
     @model_validator(mode="after")
@@ -370,6 +373,8 @@ class OutlierDetection(_Model):
     base_ejection_time: PositiveDuration = 30.0
     max_ejection_time: PositiveDuration = 300.0
     max_ejection_percent: int = Field(default=10, ge=0, le=100)
+    #: Envoy >= 1.31: one endpoint may be ejected even beyond ``max_ejection_percent``.
+    always_eject_one_host: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> OutlierDetection:

@@ -24,7 +24,7 @@ Algorithms (``load_balancer.policy``):
   Envoy ``choice_count`` 2): draw two distinct endpoints, take the one with fewer requests in
   flight. With unequal weights, Envoy's weighted form: EDF where an endpoint's effective
   weight is ``weight / (active_requests + 1) ** active_request_bias`` (bias 1.0), recomputed
-  each time it is scheduled.
+  each time it is scheduled (``load_balancer.active_request_bias``).
 * ``peak_ewma``: Linkerd/Finagle (``finagle-core`` ``PeakEwma``, Linkerd's balancer). P2C
   over ``cost = rtt_estimate * (in_flight + 1)``. The estimate starts at ``default_rtt``; a
   sample above it replaces it at once (peak sensitivity), a sample below is averaged in with
@@ -604,10 +604,10 @@ def make_balancer(
         )
     if cls is RingHash:
         return RingHash(stats, rng=rng, now=now, health=health,
-                        ring_size=int(getattr(lb, "ring_size", 1024)))
+                        ring_size=int(lb.ring_size))
     if cls is LeastRequest:
         return LeastRequest(stats, rng=rng, now=now, health=health,
-                            active_request_bias=float(getattr(lb, "active_request_bias", 1.0)))
+                            active_request_bias=float(lb.active_request_bias))
     return cls(stats, rng=rng, now=now, health=health)
 
 

@@ -11,6 +11,7 @@ Envoy's cluster config: built when config changes, read per request).
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -30,6 +31,8 @@ from meshlib.core.health import (
 )
 from meshlib.core.retry import RetryPolicy
 from meshlib.core.routing import FaultInjector, Router
+
+log = logging.getLogger("meshlib.core.destination")
 
 _BREAKER_EVENTS = {
     EventKind.BREAKER_OPENED: "open",
@@ -67,8 +70,10 @@ class Plan:
         dest.stats.configure(policy.load_balancer.ewma.default_rtt, policy.load_balancer.ewma.decay)
         dest.stats.track_latency = policy.load_balancer.policy == "peak_ewma"
         dest.stats.prune(keys)
-        dest.health.configure(policy.circuit_breaker, policy.outlier_detection)
         dest.health.prune(keys)
+        events = dest.health.configure(policy.circuit_breaker, policy.outlier_detection)
+        if events:  # the new policy ended an open breaker or an ejection
+            dest.health_changed(events)
         self.balancer: Balancer = make_balancer(
             policy.load_balancer, dest.stats, rng=dest.rng, now=dest.now, health=dest.health
         )
@@ -132,6 +137,15 @@ class DestinationState:
         self.breaker_listeners: list[Any] = []
         self.breakers: dict[str, Any] = {}
         self._breaker_states: dict[str, str] = {}
+        #: told of health events no call caused (a policy change closing a breaker or
+        #: ending an ejection): the destination's telemetry recorder (a ``CallObserver``)
+        self.observer: Any = None
+
+    def health_changed(self, events: tuple[HealthEvent, ...]) -> None:
+        """Health events that happened outside a call: to :attr:`observer` and listeners."""
+        if self.observer is not None:
+            self.observer.health(events)
+        self.on_health(events)
 
     def on_health(self, events: tuple[HealthEvent, ...]) -> None:
         """Tell pybreaker listeners of breaker transitions (``Mesh(breaker_listeners=)``).
@@ -140,7 +154,11 @@ class DestinationState:
         state (:func:`meshlib.core.health.pybreaker_mirror`); every transition event is
         passed to each listener's ``state_change(breaker, old, new)`` in order, so a
         half-open trial that closes the breaker is heard as two transitions. Rare
-        (transitions only) and skipped without listeners."""
+        (transitions only) and skipped without listeners.
+
+        A listener is the user's code: one that raises is logged (with the traceback) and
+        skipped, and the call that caused the transition goes on; the other listeners
+        still hear it."""
         if not self.breaker_listeners:
             return
         for ev in events:
@@ -155,7 +173,12 @@ class DestinationState:
             old = self._breaker_states.get(ev.key, "closed")
             self._breaker_states[ev.key] = new
             for listener in self.breaker_listeners:
-                listener.state_change(pb, _StateName(old), _StateName(new))
+                try:
+                    listener.state_change(pb, _StateName(old), _StateName(new))
+                except Exception:
+                    log.exception("service %r: breaker listener %r failed on %s -> %s of "
+                                  "endpoint %s (ignored; the call goes on)",
+                                  self.service, listener, old, new, ev.key)
 
     def budget_for(self, cfg: Any) -> RetryBudget:
         """The destination's retry budget, kept across policy changes unless its settings change."""
@@ -165,7 +188,21 @@ class DestinationState:
         return self._budget
 
     def plan(self) -> Plan:
-        """The plan for the current snapshot (recompiled only when the snapshot changed)."""
+        """The plan for the current snapshot: THE plan lookup of every driver (HTTP, gRPC,
+        the shim), called once per logical call.
+
+        Fast path: one C-level ``lookup(service)`` and one identity comparison with the plan
+        compiled last; anything else (no plan yet, a new snapshot, no ``lookup``) goes to
+        :meth:`_replan`, which compiles a new :class:`Plan`. Drivers must not restate this
+        test: a copy would miss the next change to it."""
+        plan = self.current
+        lookup = self.lookup
+        if plan is not None and lookup is not None and plan.snapshot is lookup(self.service):
+            return plan
+        return self._replan()
+
+    def _replan(self) -> Plan:
+        """Recompile the plan when the published snapshot is not the plan's."""
         lookup = self.lookup
         snap = lookup(self.service) if lookup is not None else None
         if snap is None:

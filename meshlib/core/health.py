@@ -29,7 +29,7 @@ Outlier detection (Envoy ``outlier_detection``, architecture overview "Outlier d
   detectors are enforced when configured.
 * Ejection is allowed when, counting this one, ejected endpoints stay within
   ``max_ejection_percent`` of the registry; with ``always_eject_one_host`` (Envoy >= 1.31,
-  default off; not in the schema yet) one ejection is allowed regardless. So with the default
+  default off) one ejection is allowed regardless. So with the default
   10 %, fewer than 10 endpoints means no outlier ejection, exactly as in Envoy; the circuit
   breaker still protects small sets. A refused ejection is reported once per failure streak
   (EJECTION_SKIPPED) and retried on the next failure.
@@ -38,6 +38,12 @@ Outlier detection (Envoy ``outlier_detection``, architecture overview "Outlier d
   max`` and shrinks by one per ``interval`` the endpoint spends un-ejected (Envoy
   ``checkHostForUneject``). Envoy decrements on its interval timer; here the decrement is
   computed lazily from the clock at the next ejection, with the same result and no timer.
+* External verdicts: :meth:`HealthRegistry.mark_unhealthy` / :meth:`HealthRegistry.mark_healthy`
+  (active health checks, any driver) hold an endpoint out of traffic through the same
+  ``blocked_until``; every breaker and ejection transition recomputes it from all sources
+  (:meth:`HealthRegistry._reblock`), so no writer can undo another's hold.
+* A policy change applies whole at once (:meth:`HealthRegistry.configure`): a breaker turned
+  off closes, an ejection of a detection turned off ends, new times replace old ones.
 * An ejection ends when its time has passed: the balancer sees it at once through
   ``blocked_until``; the UNEJECTED event is returned by the next :meth:`HealthRegistry.record`
   for that endpoint or by :meth:`HealthRegistry.sweep` (call it every ``interval`` if you
@@ -125,8 +131,8 @@ class HealthSlot:
     __slots__ = (
         "key", "blocked_until",
         "state", "failures", "opened_at", "open_until", "trials",
-        "c5xx", "cgw", "ejected_until", "ejecting", "backoff", "ejections", "last_uneject",
-        "skip_reported", "lock",
+        "c5xx", "cgw", "ejected_at", "ejected_until", "ejecting", "backoff", "ejections",
+        "last_uneject", "skip_reported", "unhealthy_until", "quiet", "lock",
     )
 
     def __init__(self, key: str) -> None:
@@ -141,12 +147,21 @@ class HealthSlot:
         # outlier
         self.c5xx = 0
         self.cgw = 0
+        self.ejected_at = 0.0
         self.ejected_until = 0.0
         self.ejecting = False  # ejected and the UNEJECTED event not yet reported
         self.backoff = 0
         self.ejections = 0
         self.last_uneject: float | None = None
         self.skip_reported = False
+        # external (active health checks): skipped by the balancer until this time
+        self.unhealthy_until = 0.0
+        #: THE "healthy endpoint" condition, kept current by every writer of the fields it
+        #: reads (:meth:`HealthRegistry._settle`): no breaker failures, no outlier counters,
+        #: no ejection to report, no skipped ejection reported. An admitted success on a
+        #: quiet slot changes nothing, so :meth:`HealthRegistry.record` (and the call plan,
+        #: reading the same flag) return at once.
+        self.quiet = True
         self.lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -174,8 +189,14 @@ class HealthRegistry:
         self.slots = self._slots
         self.configure(breaker, outlier)
 
-    def configure(self, breaker: Any, outlier: Any) -> None:
-        """Apply new settings (on a policy change); per-endpoint state is kept."""
+    def configure(self, breaker: Any, outlier: Any) -> tuple[HealthEvent, ...]:
+        """Apply new settings (on a policy change): the new policy is in force, whole, for
+        the next call. Per-endpoint counters are kept, but state the new settings would
+        not have produced ends now: a breaker that is turned off closes, an open breaker's
+        time is ``opened_at`` + the new ``reset_timeout``, an outlier detection that is
+        turned off ends every ejection, an ejection ends at most ``max_ejection_time``
+        after it began. Returns the BREAKER_CLOSED / UNEJECTED events of those endings
+        (reason ``"policy_changed"``) for the driver's telemetry and listeners."""
         self.breaker_enabled = breaker is not None and bool(getattr(breaker, "enabled", True))
         if self.breaker_enabled:
             self.failure_threshold = int(breaker.failure_threshold)
@@ -192,7 +213,39 @@ class HealthRegistry:
             self.max_ejection_time = max(float(outlier.max_ejection_time),
                                          self.base_ejection_time)
             self.max_ejection_percent = float(outlier.max_ejection_percent)
-            self.always_eject_one_host = bool(getattr(outlier, "always_eject_one_host", False))
+            self.always_eject_one_host = bool(outlier.always_eject_one_host)
+        if not self._slots:
+            return _NO_EVENTS
+        now = self._now()
+        events: list[HealthEvent] = []
+        for s in list(self._slots.values()):
+            with s.lock:
+                if not self.breaker_enabled:
+                    if s.state is not CLOSED:
+                        events.append(HealthEvent(EventKind.BREAKER_CLOSED, s.key, now,
+                                                  "policy_changed"))
+                    s.state = CLOSED
+                    s.failures = 0
+                    s.trials = 0
+                    s.open_until = 0.0
+                elif s.state is OPEN:
+                    s.open_until = s.opened_at + self.reset_timeout
+                if s.ejecting or s.ejected_until > now:
+                    if not self.outlier_enabled:
+                        s.ejected_until = now
+                    elif s.ejected_until > s.ejected_at + self.max_ejection_time:
+                        s.ejected_until = s.ejected_at + self.max_ejection_time
+                    if s.ejecting and s.ejected_until <= now:
+                        s.ejecting = False
+                        s.last_uneject = s.ejected_until
+                        events.append(HealthEvent(EventKind.UNEJECTED, s.key, now,
+                                                  "policy_changed", count=s.ejections))
+                if not self.outlier_enabled:
+                    s.c5xx = s.cgw = 0
+                    s.skip_reported = False
+                self._reblock(s)
+                self._settle(s)
+        return tuple(events)
 
     # ---------------------------------------------------------------- registry
 
@@ -239,15 +292,55 @@ class HealthRegistry:
 
     # ---------------------------------------------------------------- breaker
 
-    @staticmethod
-    def _reblock(s: HealthSlot, max_trials: int) -> None:
+    def _reblock(self, s: HealthSlot) -> None:
+        """Recompute ``blocked_until``, the one float the balancer reads, from everything
+        that keeps an endpoint out of traffic: an ejection, an active health check's
+        verdict (:meth:`mark_unhealthy`), an open breaker, a half-open breaker whose trial
+        places are all taken."""
         b = s.ejected_until
+        if s.unhealthy_until > b:
+            b = s.unhealthy_until
         if s.state is OPEN:
             if s.open_until > b:
                 b = s.open_until
-        elif s.state is HALF_OPEN and s.trials >= max_trials:
+        elif s.state is HALF_OPEN and s.trials >= self.half_open_max_calls:
             b = _INF
         s.blocked_until = b
+
+    @staticmethod
+    def _settle(s: HealthSlot) -> None:
+        """Recompute :attr:`HealthSlot.quiet` after the fields it reads were written."""
+        s.quiet = not (s.ejecting or s.failures or s.c5xx or s.cgw or s.skip_reported)
+
+    # ---------------------------------------------------------------- external verdicts
+
+    def mark_unhealthy(self, key: str, until: float) -> None:
+        """An outside check (active health checking) found endpoint ``key`` unhealthy: the
+        balancer skips it until ``until`` (monotonic clock) or :meth:`mark_healthy`,
+        whichever comes first. Breaker and ejection state are kept and still apply; a
+        later mark with a later ``until`` extends the hold. Unknown keys are ignored."""
+        s = self._slots.get(key)
+        if s is None:
+            return
+        with s.lock:
+            if until > s.unhealthy_until:
+                s.unhealthy_until = until
+            self._reblock(s)
+
+    def mark_healthy(self, key: str) -> None:
+        """An outside check passes again for ``key``: lift :meth:`mark_unhealthy`'s hold (a
+        breaker or ejection still in force keeps the endpoint out)."""
+        s = self._slots.get(key)
+        if s is None:
+            return
+        with s.lock:
+            s.unhealthy_until = 0.0
+            self._reblock(s)
+
+    def unhealthy(self, key: str, now: float) -> bool:
+        """Whether an outside check holds ``key`` out of traffic at ``now``."""
+        s = self._slots.get(key)
+        return s is not None and s.unhealthy_until > now
 
     def admit(self, ep: Endpoint | str, now: float) -> int:
         """Breaker admission for an attempt to ``ep``: REJECT, ADMIT, TRIAL or FIRST_TRIAL.
@@ -271,7 +364,7 @@ class HealthRegistry:
             if s.state is HALF_OPEN:
                 if s.trials < self.half_open_max_calls:
                     s.trials += 1
-                    self._reblock(s, self.half_open_max_calls)
+                    self._reblock(s)
                     return FIRST_TRIAL if first else TRIAL
                 return REJECT
             return ADMIT
@@ -283,7 +376,7 @@ class HealthRegistry:
         s.trials = 0
         count = s.failures
         s.failures = 0
-        self._reblock(s, self.half_open_max_calls)
+        self._reblock(s)
         return HealthEvent(EventKind.BREAKER_OPENED, s.key, now, reason,
                            self.reset_timeout, count)
 
@@ -307,7 +400,7 @@ class HealthRegistry:
                         s.failures = 0
                         events.append(HealthEvent(EventKind.BREAKER_CLOSED, s.key, now,
                                                   "trial_succeeded"))
-                self._reblock(s, self.half_open_max_calls)
+                self._reblock(s)
             return events
         if s.state is not CLOSED:
             return None  # admitted before the breaker opened: its result is stale
@@ -353,12 +446,13 @@ class HealthRegistry:
             s.backoff += 1
         duration = min(base * s.backoff, self.max_ejection_time)
         s.ejections += 1
+        s.ejected_at = now
         s.ejected_until = now + duration
         s.ejecting = True
         s.c5xx = 0
         s.cgw = 0
         s.skip_reported = False
-        self._reblock(s, self.half_open_max_calls)
+        self._reblock(s)
         return HealthEvent(EventKind.EJECTED, s.key, now, reason, duration, s.ejections)
 
     def _record_outlier(self, s: HealthSlot, outcome: Outcome, now: float,
@@ -399,10 +493,9 @@ class HealthRegistry:
             s = self._slots.get(_key(ep))
         if s is None or admission == REJECT:
             return _NO_EVENTS
-        if (outcome is _SUCCESS and admission == ADMIT
-                and not (s.ejecting or s.failures or s.c5xx or s.cgw or s.skip_reported)):
-            # the common case: a healthy endpoint stays healthy (inlined in the call plan,
-            # meshlib.core.call.run_call: keep the two in step)
+        if outcome is _SUCCESS and admission == ADMIT and s.quiet:
+            # the common case: a healthy endpoint stays healthy (the call plan tests the
+            # same three conditions before calling here: see HealthSlot.quiet)
             return _NO_EVENTS
         events: list[HealthEvent] | None = None
         if s.ejecting and s.ejected_until <= now:
@@ -415,6 +508,7 @@ class HealthRegistry:
                 events = bev if events is None else events + bev
         if self.outlier_enabled and outcome is not Outcome.LOCAL:
             events = self._record_outlier(s, outcome, now, events)
+        self._settle(s)
         return _NO_EVENTS if not events else tuple(events)
 
     def release(self, ep: Endpoint | str, admission: int, now: float) -> tuple[HealthEvent, ...]:
@@ -427,6 +521,7 @@ class HealthRegistry:
         for s in list(self._slots.values()):
             if s.ejecting and s.ejected_until <= now:
                 ev = self._finish_ejection(s, now)
+                self._settle(s)
                 if ev is not None:
                     events.append(ev)
         return tuple(events)

@@ -8,10 +8,11 @@ health checking's ``unhealthy_threshold``). A check passes when the server answe
 or UNIMPLEMENTED (no health service: gRPC A17 treats it as healthy rather than failing every
 endpoint of a server that never offered the protocol).
 
-Skipping works through the destination's passive-health slots: an unhealthy endpoint's
-``blocked_until`` is held at least one interval ahead, which the balancer already honours;
-a passing check recomputes it from the breaker and ejection state. (A dedicated core entry
-point for "externally unhealthy" would be cleaner; see the report of issue 4.)
+Verdicts go through the core's one public entry for outside health checks:
+``HealthRegistry.mark_unhealthy(key, until)`` holds an unhealthy endpoint out of traffic at
+least one interval ahead (renewed by every failed round), ``mark_healthy(key)`` lifts the hold
+when a check passes; breaker and ejection transitions keep the hold in force
+(``meshlib.core.health``).
 
 grpcio-health-checking is not a dependency, so the two messages are encoded by hand (the
 protobuf wire format, ``grpc/health/v1/health.proto``): ``HealthCheckRequest{string service
@@ -30,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from meshlib.core.destination import DestinationState
-from meshlib.core.health import HealthRegistry
 from meshlib.grpc.pool import channel_options
 
 if TYPE_CHECKING:
@@ -251,23 +251,16 @@ class HealthMonitor:
             self.failures[key] = 0
             if key in self.unhealthy:
                 self.unhealthy.discard(key)
-                slot = health.get(key)
-                if slot is not None:
-                    with slot.lock:
-                        HealthRegistry._reblock(slot, health.half_open_max_calls)
+                health.mark_healthy(key)
                 log.info("service %r: endpoint %s passes health checks again",
                          self._dest.service, key)
             return
         n = self.failures[key] = self.failures.get(key, 0) + 1
         if n < threshold:
             return
-        slot = health.get(key)
-        if slot is None:
+        if health.get(key) is None:
             return
-        until = self._dest.now() + hold
-        with slot.lock:
-            if slot.blocked_until < until:
-                slot.blocked_until = until
+        health.mark_unhealthy(key, self._dest.now() + hold)
         if key not in self.unhealthy:
             self.unhealthy.add(key)
             log.warning("service %r: endpoint %s failed %d health check(s); skipping it",

@@ -65,3 +65,81 @@ def test_no_slot_is_lost_or_made_under_threads():
         t.join()
     assert d.inflight == 0
     assert sum(1 for _ in range(9) if d.acquire()) == 8
+
+
+# --------------------------------------------------------------------------- the plan lookup
+
+
+def _policy_dest(raw: dict) -> tuple[DestinationState, dict]:
+    import random
+
+    from meshlib.config.policy import parse_policy_dict
+    from meshlib.core.endpoints import Endpoint
+
+    eps = (Endpoint("svc", "a", "127.0.0.1", 9001, key="/svc/a"),
+           Endpoint("svc", "b", "127.0.0.1", 9002, key="/svc/b"))
+    published = {"svc": ServiceSnapshot("svc", eps, parse_policy_dict(raw, "k"))}
+    clock = [1000.0]
+    d = DestinationState("svc", lambda: published["svc"], lookup=published.get,
+                         now=lambda: clock[0], rng=random.Random(1))
+    return d, published
+
+
+def test_plan_is_compiled_once_per_published_snapshot():
+    from meshlib.config.policy import parse_policy_dict
+
+    d, published = _policy_dest({})
+    p1 = d.plan()
+    assert d.plan() is p1 and d.current is p1  # same snapshot: the same plan
+    old = published["svc"]
+    published["svc"] = ServiceSnapshot("svc", old.endpoints,
+                                       parse_policy_dict({"timeout": "2s"}, "k"))
+    p2 = d.plan()
+    assert p2 is not p1 and p2.snapshot is published["svc"] and p2.retry.timeout == 2.0
+    assert d.plan() is p2
+
+
+def test_a_policy_that_turns_the_breaker_off_frees_an_open_endpoint_for_the_next_call():
+    from meshlib.config.policy import parse_policy_dict
+    from meshlib.core.outcome import Outcome
+
+    d, published = _policy_dest({"circuit_breaker": {"failure_threshold": 1,
+                                                     "reset_timeout": "10s"}})
+    plan = d.plan()
+    seen: list = []
+    d.observer = type("Obs", (), {"health": lambda self, ev: seen.extend(ev)})()
+    now = d.now()
+    d.health.record("/svc/a", Outcome.GATEWAY_ERROR, d.health.admit("/svc/a", now), now)
+    assert not d.health.usable("/svc/a", now)
+    assert {plan.balancer.pick(plan.router.default.endpoints).key for _ in range(20)} == {
+        "/svc/b"}
+    published["svc"] = ServiceSnapshot(
+        "svc", published["svc"].endpoints,
+        parse_policy_dict({"circuit_breaker": {"enabled": False}}, "k"))
+    plan = d.plan()
+    assert [(e.kind.value, e.key) for e in seen] == [("breaker_closed", "/svc/a")]
+    assert {plan.balancer.pick(plan.router.default.endpoints).key for _ in range(50)} == {
+        "/svc/a", "/svc/b"}
+
+
+def test_a_raising_breaker_listener_is_logged_and_the_others_still_hear(caplog):
+    from meshlib.core.health import EventKind, HealthEvent
+
+    d, _ = _policy_dest({})
+    d.plan()
+    heard: list = []
+
+    class Bad:
+        def state_change(self, cb, old, new):
+            raise RuntimeError("listener bug")
+
+    class Good:
+        def state_change(self, cb, old, new):
+            heard.append((old.name, new.name))
+
+    d.breaker_listeners = [Bad(), Good()]
+    with caplog.at_level("ERROR", logger="meshlib.core.destination"):
+        d.on_health((HealthEvent(EventKind.BREAKER_OPENED, "/svc/a", 1.0),))
+    assert heard == [("closed", "open")]
+    (rec,) = caplog.records
+    assert "breaker listener" in rec.getMessage() and rec.exc_info[0] is RuntimeError

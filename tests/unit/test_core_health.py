@@ -365,3 +365,133 @@ def test_pybreaker_mirror_reports_our_transitions_to_listeners():
     assert sync_mirror(pb) == "closed"
     assert rec.changes == [("closed", "open"), ("open", "half-open"), ("half-open", "closed")]
     assert sync_mirror(pb) == "closed" and len(rec.changes) == 3  # no spurious repeats
+
+
+# --------------------------------------------------------------------------- external verdicts
+
+
+def test_mark_unhealthy_holds_an_endpoint_out_until_its_time_or_mark_healthy():
+    clock = Clock()
+    reg = HealthRegistry(breaker_cfg(threshold=1, reset=5.0, half_open=1), None, clock)
+    reg.prune(["a", "b"])
+    reg.mark_unhealthy("a", clock.t + 30)
+    assert not reg.usable("a", clock.t) and reg.unhealthy("a", clock.t)
+    assert reg.usable("a", clock.t + 30)  # the hold ends at its time
+    reg.mark_unhealthy("a", clock.t + 10)  # an earlier time does not shorten it
+    assert not reg.usable("a", clock.t + 20)
+    reg.mark_healthy("a")
+    assert reg.usable("a", clock.t) and not reg.unhealthy("a", clock.t)
+    reg.mark_unhealthy("nope", clock.t + 5)  # unknown keys are ignored
+    reg.mark_healthy("nope")
+    assert len(reg) == 2
+
+
+def test_breaker_transitions_keep_an_outside_unhealthy_hold():
+    """The bug this entry fixes: a breaker closing recomputed ``blocked_until`` from breaker
+    and ejection state alone and put an endpoint an active check had failed back in traffic."""
+    clock = Clock()
+    reg = HealthRegistry(breaker_cfg(threshold=1, reset=5.0, half_open=1), None, clock)
+    reg.prune(["a"])
+    reg.record("a", OC.GATEWAY_ERROR, reg.admit("a", clock.t), clock.t)  # opens
+    reg.mark_unhealthy("a", clock.t + 60)
+    clock.t += 6
+    adm = reg.admit("a", clock.t)  # a trial (the driver chose it anyway)
+    assert adm == FIRST_TRIAL
+    assert kinds(reg.record("a", OC.SUCCESS, adm, clock.t))[-1] is K.BREAKER_CLOSED
+    assert reg.state("a") == CLOSED
+    assert not reg.usable("a", clock.t)  # still held by the outside verdict
+    reg.mark_healthy("a")
+    assert reg.usable("a", clock.t)
+
+
+def test_mark_healthy_keeps_a_breaker_or_ejection_in_force():
+    clock = Clock()
+    reg = HealthRegistry(breaker_cfg(threshold=1, reset=5.0), outlier_cfg(c5xx=1, max_pct=100),
+                         clock)
+    reg.prune(["a", "b"])
+    reg.record("a", OC.HTTP_5XX, reg.admit("a", clock.t), clock.t)  # opens and ejects
+    reg.mark_unhealthy("a", clock.t + 1)
+    reg.mark_healthy("a")
+    assert not reg.usable("a", clock.t + 2)  # ejection (30 s) and breaker (5 s) still apply
+
+
+# --------------------------------------------------------------------------- policy changes
+
+
+def test_turning_the_breaker_off_closes_an_open_breaker_at_once():
+    clock = Clock()
+    reg = HealthRegistry(breaker_cfg(threshold=1, reset=10.0), None, clock)
+    reg.prune(["a"])
+    reg.record("a", OC.GATEWAY_ERROR, reg.admit("a", clock.t), clock.t)
+    assert reg.state("a") == OPEN and not reg.usable("a", clock.t)
+    events = reg.configure(breaker_cfg(enabled=False), None)
+    assert [(e.kind, e.key, e.reason) for e in events] == [
+        (K.BREAKER_CLOSED, "a", "policy_changed")]
+    assert reg.state("a") == CLOSED and reg.usable("a", clock.t)
+    assert reg.admit("a", clock.t) == ADMIT
+    # and back on: a fresh breaker (no failures carried over)
+    assert reg.configure(breaker_cfg(threshold=2), None) == ()
+    reg.record("a", OC.GATEWAY_ERROR, reg.admit("a", clock.t), clock.t)
+    assert reg.state("a") == CLOSED
+
+
+def test_a_shorter_reset_timeout_applies_to_a_breaker_already_open():
+    clock = Clock()
+    reg = HealthRegistry(breaker_cfg(threshold=1, reset=60.0), None, clock)
+    reg.prune(["a"])
+    reg.record("a", OC.GATEWAY_ERROR, reg.admit("a", clock.t), clock.t)
+    clock.t += 3
+    assert reg.configure(breaker_cfg(threshold=1, reset=2.0), None) == ()
+    assert reg.usable("a", clock.t)  # opened 3 s ago, the new reset_timeout is 2 s
+    assert reg.admit("a", clock.t) == FIRST_TRIAL
+
+
+def test_turning_outlier_detection_off_ends_ejections_and_counters():
+    clock = Clock()
+    reg = HealthRegistry(None, outlier_cfg(c5xx=2, max_pct=100), clock)
+    reg.prune(["a", "b"])
+    for _ in range(2):
+        reg.record("a", OC.HTTP_5XX, ADMIT, clock.t)
+    reg.record("b", OC.HTTP_5XX, ADMIT, clock.t)
+    assert not reg.usable("a", clock.t)
+    events = reg.configure(None, SimpleNamespace(enabled=False))
+    assert [(e.kind, e.key) for e in events] == [(K.UNEJECTED, "a")]
+    assert reg.usable("a", clock.t) and reg.ejected_count(clock.t) == 0
+    assert reg.get("b").c5xx == 0 and reg.get("b").quiet
+
+
+def test_a_lower_max_ejection_time_shortens_a_running_ejection():
+    clock = Clock()
+    reg = HealthRegistry(None, outlier_cfg(c5xx=1, base=30.0, max_time=300.0, max_pct=100),
+                         clock)
+    reg.prune(["a"])
+    reg.record("a", OC.HTTP_5XX, ADMIT, clock.t)
+    clock.t += 12
+    assert not reg.usable("a", clock.t)
+    reg.configure(None, outlier_cfg(c5xx=1, base=10.0, max_time=10.0, max_pct=100))
+    assert reg.usable("a", clock.t)
+    assert kinds(reg.sweep(clock.t)) == [] and not reg.get("a").ejecting
+
+
+def test_quiet_flag_follows_every_writer():
+    """``HealthSlot.quiet`` is THE healthy-endpoint condition; after any sequence of
+    results it equals the condition computed from the fields."""
+    import random
+
+    rng = random.Random(3)
+    clock = Clock()
+    reg = HealthRegistry(breaker_cfg(threshold=3, reset=1.0, half_open=1),
+                         outlier_cfg(c5xx=3, cgw=2, max_pct=50, base=1.0), clock)
+    reg.prune(["a", "b"])
+    outcomes = list(Outcome)
+    for _ in range(5000):
+        key = rng.choice("ab")
+        clock.t += rng.random() * 0.3
+        adm = reg.admit(key, clock.t)
+        if adm != REJECT:
+            reg.record(key, rng.choice(outcomes), adm, clock.t)
+        if rng.random() < 0.05:
+            reg.sweep(clock.t)
+        for s in reg.slots.values():
+            assert s.quiet == (not (s.ejecting or s.failures or s.c5xx or s.cgw
+                                    or s.skip_reported)), s
