@@ -5,10 +5,10 @@ module stays cheap (no grpc import) because every pytest run in the environment 
 etcd machinery is imported by the fixtures when first used.
 
 Fixtures
-    ``etcd_server``  session scope: one :class:`~meshlib.testing.etcd.EtcdServer` for the run.
+    ``etcd_server``  session scope: one :class:`~meshlib.testing.server.EtcdServer` for the run.
                      Combine it with ``etcd_prefix`` so tests do not see each other's keys.
     ``etcd``         function scope: a fresh, empty EtcdServer per test (starts in ~0.4 s).
-    ``etcd_cluster`` function scope: a 3-member :class:`~meshlib.testing.etcd.EtcdCluster`,
+    ``etcd_cluster`` function scope: a 3-member :class:`~meshlib.testing.cluster.EtcdCluster`,
                      SIGKILLed and removed at teardown.
     ``etcd_prefix``  a unique key prefix per test, ``/meshlib-test/<uuid hex>/v1``.
 
@@ -27,15 +27,16 @@ import pytest
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
-    from meshlib.testing.etcd import EtcdCluster, EtcdServer
+    from meshlib.testing.cluster import EtcdCluster
+    from meshlib.testing.server import EtcdServer
 
-_ETCD_MODULE = "meshlib.testing.etcd"
+_ETCD_MODULE = "meshlib.testing.process"  # holds the registry of child processes
 
 
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
     """One etcd server shared by the whole test session (use with ``etcd_prefix``)."""
-    from meshlib.testing.etcd import EtcdServer
+    from meshlib.testing.server import EtcdServer
 
     server = EtcdServer(name="session").start()
     try:
@@ -47,7 +48,7 @@ def etcd_server() -> Iterator[EtcdServer]:
 @pytest.fixture
 def etcd() -> Iterator[EtcdServer]:
     """A fresh, empty etcd server for this test only, stopped and removed at teardown."""
-    from meshlib.testing.etcd import EtcdServer
+    from meshlib.testing.server import EtcdServer
 
     server = EtcdServer().start()
     try:
@@ -59,7 +60,7 @@ def etcd() -> Iterator[EtcdServer]:
 @pytest.fixture
 def etcd_cluster() -> Iterator[EtcdCluster]:
     """A 3-member etcd cluster for this test only, SIGKILLed and removed at teardown."""
-    from meshlib.testing.etcd import EtcdCluster
+    from meshlib.testing.cluster import EtcdCluster
 
     cluster = EtcdCluster(3).start()
     try:

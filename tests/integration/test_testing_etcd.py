@@ -387,3 +387,20 @@ def test_plugin_reports_and_kills_a_leaked_server(pytester: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(["*etcd process(es) left running*killed them*"])
     pid = int(next(line for line in result.outlines if "LEAKED" in line).split()[-1])
     assert _wait_gone(pid)
+
+
+def test_public_names_resolve_and_old_module_still_exports_them() -> None:
+    import meshlib.testing as testing
+    import meshlib.testing.etcd as etcd_module
+
+    for name in testing.__all__:
+        assert getattr(testing, name) is getattr(etcd_module, name), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = testing.nope  # type: ignore[attr-defined]
+
+
+def test_loading_the_plugin_does_not_import_grpc() -> None:
+    # Every pytest run in an environment with meshlib loads the plugin: it must stay cheap.
+    code = "import sys, meshlib.testing.plugin; print(sorted(m for m in sys.modules if m == 'grpc'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
