@@ -15,6 +15,13 @@ Connection (gRPC name resolution and load-balancing docs, gRPC A6 for why retrie
   ``--grpc-keepalive-min-time`` is 5 s, so 10 s is not treated as abuse.
 * gRPC's own retries are disabled (``grpc.enable_retries=0``); the application retry loop below is
   the only one, so attempts do not multiply.
+* Long-lived streams (the Watch stream, the LeaseKeepAlive stream) are *placed* on one endpoint
+  each, through a per-endpoint channel (:meth:`EtcdClient.stream_channel`), instead of being left to
+  round robin: a SIGSTOPped member or proxy keeps its TCP connection and its subchannel stays
+  READY, so round robin could put the replacement of a silent stream right back on it. When a
+  stream user finds its stream dead or silent it calls :meth:`EtcdClient.stream_failed`, which
+  moves the shared position to the next endpoint (once per failure, however many streams noticed
+  it). The first position is random, so the clients of a fleet spread over the proxies.
 
 Unary calls: each call has a total budget (``timeout``). An attempt that fails with UNAVAILABLE
 (member down, "no leader", "leader changed") or runs out its per-attempt deadline is retried after a
@@ -35,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import random
 import socket
 import threading
 import time
@@ -64,6 +72,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]
+
+#: Per-endpoint channels carry long-lived streams only: default pick_first, the same keepalive.
+STREAM_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    o for o in CHANNEL_OPTIONS if o[0] != "grpc.service_config"
 ]
 
 _RETRY_BASE = 0.025
@@ -250,6 +263,10 @@ class EtcdClient:
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
         self.maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
         self._closed = threading.Event()
+        self._stream_lock = threading.Lock()
+        self._stream_channels: dict[str, grpc.Channel] = {}
+        self._stream_pos = random.randrange(len(self.endpoints))
+        self._keepalive: Any = None  # KeepAliveStream, created on the first keepalive
 
     # ------------------------------------------------------------------ plumbing
     def __enter__(self) -> EtcdClient:
@@ -261,7 +278,51 @@ class EtcdClient:
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
+            if self._keepalive is not None:
+                self._keepalive.close()
+            with self._stream_lock:
+                channels = list(self._stream_channels.values())
+                self._stream_channels.clear()
+            for ch in channels:
+                ch.close()
             self.channel.close()
+
+    # ------------------------------------------------------------------ stream placement
+    @property
+    def stream_endpoint(self) -> str:
+        """The endpoint new long-lived streams are opened on."""
+        return self.endpoints[self._stream_pos]
+
+    def stream_channel(self) -> tuple[grpc.Channel, str]:
+        """``(channel, endpoint)`` for a new long-lived stream: the current stream endpoint."""
+        with self._stream_lock:
+            if self._closed.is_set():
+                raise EtcdError("etcd stream: client is closed")
+            endpoint = self.endpoints[self._stream_pos]
+            ch = self._stream_channels.get(endpoint)
+            if ch is None:
+                ch = grpc.insecure_channel(
+                    grpc_target([self.hosts[self._stream_pos]]), options=STREAM_CHANNEL_OPTIONS
+                )
+                self._stream_channels[endpoint] = ch
+            return ch, endpoint
+
+    def stream_failed(self, endpoint: str, *, silent: bool = False) -> str:
+        """A stream on ``endpoint`` ended or went silent: move on to the next endpoint.
+
+        Only moves when ``endpoint`` is still the current one, so two streams noticing the same
+        failure skip one endpoint, not two. Returns the endpoint new streams now use.
+        """
+        with self._stream_lock:
+            if len(self.endpoints) > 1 and self.endpoints[self._stream_pos] == endpoint:
+                self._stream_pos = (self._stream_pos + 1) % len(self.endpoints)
+                log.log(
+                    logging.WARNING if silent else logging.DEBUG,
+                    "etcd: %s %s; long-lived streams move to %s",
+                    endpoint, "is silent" if silent else "ended a stream",
+                    self.endpoints[self._stream_pos],
+                )
+            return self.endpoints[self._stream_pos]
 
     @property
     def closed(self) -> bool:
@@ -458,23 +519,20 @@ class EtcdClient:
         )
 
     def lease_keepalive_once(self, lease_id: int, *, timeout: float | None = None) -> int:
-        """Send one keepalive; returns the remaining TTL. Raises LeaseNotFound if it is gone."""
+        """Send one keepalive on the client's long-lived keepalive stream; returns the TTL.
 
-        def attempt(t: float) -> int:
-            call = self.lease.LeaseKeepAlive(
-                iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease_id)]), timeout=t
-            )
-            try:
-                for resp in call:
-                    return int(resp.TTL)
-            finally:
-                call.cancel()
-            raise _NoResponse()
+        Raises :class:`LeaseNotFound` if the lease is gone and :class:`EtcdUnavailable` when no
+        answer came within ``timeout`` (see :mod:`meshlib.discovery.keepalive`).
+        """
+        ka = self._keepalive
+        if ka is None:
+            from .keepalive import KeepAliveStream
 
-        ttl = self._call("lease_keepalive", f"lease {lease_id:x}", attempt, timeout)
-        if ttl <= 0:
-            raise LeaseNotFound(f"etcd lease_keepalive lease {lease_id:x}: lease not found (TTL 0)")
-        return ttl
+            with self._stream_lock:
+                if self._keepalive is None:
+                    self._keepalive = KeepAliveStream(self)
+                ka = self._keepalive
+        return int(ka.keepalive(lease_id, self.timeout if timeout is None else float(timeout)))
 
     def lease_time_to_live(
         self, lease_id: int, *, keys: bool = False, timeout: float | None = None
@@ -490,13 +548,3 @@ class EtcdClient:
             id=r.ID, ttl=r.TTL, granted_ttl=r.grantedTTL,
             keys=tuple(k.decode("utf-8", "surrogateescape") for k in r.keys),
         )
-
-
-class _NoResponse(grpc.RpcError):
-    """A keepalive stream that ended without a response: treated like UNAVAILABLE."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return "keepalive stream closed without a response"

@@ -6,8 +6,11 @@ which refreshes every TTL/3):
 1. Grant a lease of ``ttl`` seconds and call ``on_granted(lease_id)``; the caller attaches its keys
    (registration records) to that lease there. If ``on_granted`` raises, the lease is revoked and
    the grant is retried after a backoff, so keys are never left half-written on a kept lease.
-2. Every granted TTL / 3, send one keepalive (``LeaseKeepAlive`` with one request). A success at
-   time ``t_sent`` means etcd will keep the lease at least until ``t_sent + TTL``.
+2. Every granted TTL / 3, send one keepalive on the client's one long-lived ``LeaseKeepAlive``
+   stream (:mod:`meshlib.discovery.keepalive`) and wait up to TTL / 3 + 1 s for its answer (the
+   time ``etcd grpc-proxy`` may take). As in ``clientv3``, an answer means etcd keeps the lease for
+   TTL from the moment it arrives. An unanswered keepalive marks the stream silent; the next one
+   goes on a new stream on the next endpoint.
 3. The lease is *lost* when etcd answers that it is gone (TTL 0: expired, revoked, or etcd
    restarted without its data) or when no keepalive has succeeded for longer than the TTL (a long
    partition or an etcd outage: etcd has surely expired it). Then ``on_lost(old_id)`` is called
@@ -150,9 +153,7 @@ class LeaseKeeper:
             period = self._granted_ttl / 3
             sent = time.monotonic()
             try:
-                self._client.lease_keepalive_once(
-                    lid, timeout=min(self._client.timeout, max(1.0, period / 2))
-                )
+                self._client.lease_keepalive_once(lid, timeout=self._answer_timeout(sent, last_ok))
             except LeaseNotFound:
                 self._lost(lid, "etcd reports it gone (expired, revoked or etcd lost its data)")
                 continue
@@ -174,8 +175,21 @@ class LeaseKeeper:
                 )
             failing_since = None
             backoff = _BACKOFF_MIN
-            last_ok = sent
+            # As clientv3's lessor: the lease lives TTL from when its answer arrived (behind
+            # grpc-proxy the answer reflects the proxy's own, later refresh of the lease).
+            last_ok = time.monotonic()
             next_at = sent + period
+
+    def _answer_timeout(self, now: float, last_ok: float) -> float:
+        """How long to wait for the answer to one keepalive before calling the stream silent.
+
+        Direct to etcd the answer comes at once. ``etcd grpc-proxy`` answers a keepalive only
+        when its own ``clientv3`` lessor next refreshes the lease (every TTL/3, checked every
+        0.5 s), so an answer may take up to TTL/3 + 0.5 s: wait TTL/3 + 1 s, but never past the
+        point where the lease must be counted lost (TTL after the last success).
+        """
+        ttl = self._granted_ttl
+        return max(0.5, min(ttl / 3 + 1.0, last_ok + ttl - now))
 
     def _grant(self) -> bool:
         try:

@@ -145,3 +145,52 @@ def test_close_stops_the_thread(etcd) -> None:
     assert _wait(lambda: set(threading.enumerate()) <= before, 3), [
         t.name for t in set(threading.enumerate()) - before
     ]
+
+
+def test_registrations_through_grpc_proxies_hold_for_3_ttls(etcd_cluster) -> None:
+    """Issue 10: through two ``etcd grpc-proxy`` processes in front of a 3-member cluster, two
+    registrations with a 2 s TTL hold for 3.5 x TTL: a watch opened directly on the cluster sees
+    not one delete of their keys, the leases are never lost or re-granted, and each client keeps
+    ONE keepalive stream (etcd's clients do the same; a stream per keepalive failed behind the
+    proxy with ``context canceled`` and lost the lease every ~11 s)."""
+    from meshlib import Mesh
+    from meshlib.discovery.watch import WatchManager
+    from meshlib.testing import EtcdGrpcProxy
+
+    prefix = "/lease-proxy/v1"
+    events: list[tuple[str, str]] = []
+    synced = threading.Event()
+    with (
+        EtcdGrpcProxy(etcd_cluster) as p1,
+        EtcdGrpcProxy(etcd_cluster) as p2,
+        EtcdClient(etcd_cluster.endpoints, timeout=3) as direct,
+        WatchManager(direct, progress_interval=0.5) as watcher,
+    ):
+        watcher.watch_prefix(
+            f"{prefix}/services/",
+            lambda kvs, rev: synced.set(),
+            lambda evs, rev: events.extend((e.type, e.kv.key) for e in evs),
+        )
+        assert synced.wait(5)
+        proxies = [p1.endpoint, p2.endpoint]
+        with Mesh(proxies, prefix=prefix, handle_sigterm=False) as a, \
+                Mesh(list(reversed(proxies)), prefix=prefix, handle_sigterm=False) as b:
+            regs = [a.register("held", 9201, ttl=2), b.register("held", 9202, ttl=2)]
+            assert all(r.wait_registered(5) for r in regs)
+            keepers = [r._keeper for r in regs]
+            leases = [k.lease_id for k in keepers]
+            assert _wait(lambda: len([e for e in events if e[0] == "put"]) == 2, 5), events
+            deadline = time.monotonic() + 7.0  # 3.5 x TTL
+            while time.monotonic() < deadline:
+                assert not [e for e in events if e[0] == "delete"], events
+                time.sleep(0.1)
+            assert [e for e in events if e[0] == "delete"] == []
+            assert [k.lease_id for k in keepers] == leases
+            assert [(k.grants, k.losses) for k in keepers] == [(1, 0), (1, 0)]
+            assert [r.registrations for r in regs] == [1, 1]
+            for m in (a, b):
+                ka = m.client._keepalive
+                assert ka is not None and ka.streams_opened == 1
+                assert m.client.stream_endpoint in proxies
+        # closing revokes through the proxies: now both keys are deleted
+        assert _wait(lambda: len([e for e in events if e[0] == "delete"]) == 2, 5), events
