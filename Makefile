@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint bench clean
+.PHONY: setup system-deps node-deps demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,10 +31,27 @@ system-deps:
 	  fi; \
 	fi
 
-demo: $(STAMP)
+# The Node.js adapters (adapters/node: HTTP and gRPC clients, a service behind the shim) and
+# their tests need @grpc/grpc-js: installed from the committed package-lock.json with `npm ci`
+# when it is newer than the last install. Without Node.js/npm a warning is printed.
+NODE_DIR := adapters/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.meshlib-installed
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  echo "installing Node packages (npm ci in $(NODE_DIR))"; \
+	  cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && \
+	  touch node_modules/.meshlib-installed; \
+	else \
+	  echo "warning: npm not found; install Node.js >= 18 for the Node adapter tests" >&2; \
+	fi
+
+node-deps: $(NODE_STAMP)
+
+demo: $(STAMP) node-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m meshlib.demo
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps node-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m ruff check meshlib tests bench examples
 	$(BIN)/python -m mypy meshlib
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider
