@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import statistics
 import time
+
+from harness import BENCH_PREFIX, etcd_server, pct, report
 
 SERVICE = "bench"
 
@@ -50,24 +51,17 @@ def _worker(endpoint: str, prefix: str, n: int, out: mp.Queue, ready: mp.Queue, 
         mesh.close()
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--workers", type=int, default=5)
     args = ap.parse_args()
 
     from meshlib.discovery.etcd_client import EtcdClient
-    from meshlib.testing import EtcdServer
 
-    prefix = "/meshlib-bench/v1"
-    with EtcdServer() as etcd:
-        etcd.start()
+    prefix = BENCH_PREFIX
+    with etcd_server() as etcd:
         client = EtcdClient(etcd.endpoint)
         inst = f"{prefix}/services/{SERVICE}/instances/"
         client.put(inst + "base", b'{"address": "127.0.0.1", "port": 1}')
@@ -109,7 +103,7 @@ def main() -> None:
                 continue
             if mark in sent:
                 kind, t0 = sent[mark]
-                lat[kind].append((t - t0) * 1000)
+                lat[kind].append(t - t0)
                 seen += 1
         stop.set()
         for p in procs:
@@ -119,10 +113,9 @@ def main() -> None:
     everything = lat["policy"] + lat["endpoint"]
     for kind, values in lat.items():
         if values:
-            print(f"{kind:9s} n={len(values):5d} p50={statistics.median(values):7.2f} ms "
-                  f"p99={_pct(values, 0.99):7.2f} ms max={max(values):7.2f} ms")
+            report(kind, values, "ms")
     print(f"clients={args.clients} rounds={args.rounds} missing_deliveries={missing}")
-    print(f"propagation_p99_ms={_pct(everything, 0.99):.2f}")
+    print(f"propagation_p99_ms={pct(everything, 0.99) * 1000:.2f}")
 
 
 if __name__ == "__main__":

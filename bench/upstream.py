@@ -2,7 +2,9 @@
 
 nginx (Debian ``nginx-light``) answers a fixed body far faster than any Python server, so
 the client's own cost dominates the measurement, which is what the benchmarks compare.
-The fallback is a minimal keep-alive HTTP/1.1 responder in a separate process.
+The fallback is a minimal keep-alive HTTP/1.1 responder in a separate process. The process
+is started and reaped by ``meshlib.testing.process`` (own session, killed with the bench even
+when the bench itself is SIGKILLed), its output goes to a log in its temp dir.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
+from pathlib import Path
+
+import harness  # noqa: F401 - puts the checkout's meshlib first on sys.path
+
+from meshlib.testing.process import free_port, log_tail, make_temp_dir, reap, remove_temp_dir, spawn
 
 _FALLBACK = textwrap.dedent(
     """
@@ -39,13 +45,7 @@ _FALLBACK = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(port: int, timeout: float = 10.0) -> None:
+def _wait(port: int, log: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -53,19 +53,19 @@ def _wait(port: int, timeout: float = 10.0) -> None:
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"upstream on port {port} did not start")
+    raise RuntimeError(f"upstream on port {port} did not start; log {log}:\n{log_tail(log)}")
 
 
 class Upstream:
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.kind = "nginx" if shutil.which("nginx") or os.path.exists("/usr/sbin/nginx") else "python"
-        self._dir = tempfile.mkdtemp(prefix="meshlib-bench-")
+        self._dir = make_temp_dir("meshlib-bench-")
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Upstream:
         if self.kind == "nginx":
-            conf = os.path.join(self._dir, "nginx.conf")
+            conf = self._dir / "nginx.conf"
             with open(conf, "w") as fh:
                 fh.write(textwrap.dedent(f"""
                     worker_processes 1;
@@ -84,15 +84,15 @@ class Upstream:
                     }}
                 """))
             exe = shutil.which("nginx") or "/usr/sbin/nginx"
-            self._proc = subprocess.Popen([exe, "-c", conf, "-p", self._dir],
-                                          stderr=subprocess.DEVNULL)
+            argv = [exe, "-c", str(conf), "-p", str(self._dir)]
         else:
-            self._proc = subprocess.Popen([sys.executable, "-c", _FALLBACK, str(self.port)])
-        _wait(self.port)
+            argv = [sys.executable, "-c", _FALLBACK, str(self.port)]
+        log = self._dir / "upstream.log"
+        self._proc = spawn(argv, log)
+        _wait(self.port, log)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(10)
-        shutil.rmtree(self._dir, ignore_errors=True)
+            reap(self._proc, term_timeout=10)
+        remove_temp_dir(self._dir)
