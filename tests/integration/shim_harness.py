@@ -1,0 +1,201 @@
+"""A real shim process for the shim tests, raw-socket helpers and a raw upstream.
+
+:class:`ShimProcess` starts ``python -m meshlib.shim`` on free loopback ports against the
+test's etcd and prefix, waits until its admin port answers ``/live`` (or ``/ready``), and
+stops it at teardown (SIGTERM, then SIGKILL), keeping its log for failure messages.
+
+:func:`exchange` sends bytes over a fresh TCP connection and reads until the server closes
+it (or a complete response arrived when ``until_response``), so tests see exactly what went
+over the wire. :class:`RawUpstream` answers every request with fixed bytes and counts the
+requests it read (a malformed-response upstream, or a canary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from meshlib.testing.etcd import free_port
+
+
+class ShimProcess:
+    def __init__(self, etcd: str, prefix: str, *args: str, wait: str = "/live",
+                 env: dict[str, str] | None = None, drain: float = 0.5,
+                 port: int | None = None, admin_port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.admin_port = admin_port or free_port()
+        fd, self.log_path = tempfile.mkstemp(prefix="shim-", suffix=".log")
+        self.log_file = os.fdopen(fd, "wb")
+        argv = [sys.executable, "-m", "meshlib.shim", "--etcd", etcd, "--prefix", prefix,
+                "--port", str(self.port), "--admin-port", str(self.admin_port),
+                "--drain-seconds", str(drain), *args]
+        full_env = dict(os.environ)
+        full_env.pop("HTTP_PROXY", None)
+        full_env.pop("http_proxy", None)
+        if env:
+            full_env.update(env)
+        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     env=full_env)
+        if wait:
+            self.wait_status(wait, 200, timeout=20)
+
+    # ------------------------------------------------------------------ admin
+    def admin(self, path: str, method: str = "GET") -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def admin_json(self, path: str) -> Any:
+        return json.loads(self.admin(path)[1])
+
+    def wait_status(self, path: str, status: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"shim exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                last = self.admin(path)
+                if last[0] == status:
+                    return
+            except OSError as exc:
+                last = exc
+            time.sleep(0.02)
+        raise AssertionError(f"shim {path} never answered {status} (last {last!r}):\n"
+                             f"{self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-6000:]
+
+    # ------------------------------------------------------------------ lifecycle
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"shim did not exit {timeout}s after SIGTERM:\n"
+                                 f"{self.log()}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        try:
+            self.log_file.close()
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> ShimProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- raw sockets
+
+
+def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``data`` on a new connection and read until the peer closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = bytearray()
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return bytes(out)
+
+
+def status_of(response: bytes) -> int:
+    line = response.split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        raise AssertionError(f"not an HTTP response: {response[:200]!r}")
+    return int(parts[1])
+
+
+def split_response(response: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers[k.decode().lower()] = v.decode().strip()
+    return status_of(response), headers, body
+
+
+class RawUpstream:
+    """Answers every request head with ``reply`` (bytes) and closes when ``close``; counts
+    the request heads it read in ``count``."""
+
+    def __init__(self, reply: bytes, *, close: bool = True) -> None:
+        self.reply = reply
+        self.close_after = close
+        self.count = 0
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.alive = True
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while self.alive:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
+
+    def _conn(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    self.heads.append(head)
+                    self.count += 1
+                    try:
+                        conn.sendall(self.reply)
+                    except OSError:
+                        return
+                    if self.close_after:
+                        return
+
+    def stop(self) -> None:
+        self.alive = False
+        self.sock.close()
