@@ -77,6 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshlib shim: unexpected arguments {command!r} (a command is run only with "
               "--wait)", file=sys.stderr)
         return 2
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError as exc:
+        print(f"meshlib shim: {exc.name} is not installed: pip install 'meshlib[shim]'",
+              file=sys.stderr)
+        return 2
     from meshlib.shim.app import Shim
 
     try:
