@@ -94,12 +94,12 @@ def test_many_watches_share_one_stream_and_cancel_stops_one(etcd) -> None:
             handles = {p: wm.watch_prefix(p, r.on_reset, r.on_events) for p, r in recs.items()}
             assert all(r.wait(lambda x: len(x.resets) == 1, 5) for r in recs.values())
             handles["/b/"].cancel()
-            time.sleep(0.2)
-            for p in recs:
+            for p in recs:  # /a/k, /b/k, then /c/k: the sentinel
                 c.put(p + "k", p)
             assert recs["/a/"].wait(lambda r: "/a/k" in r.state, 5)
+            # One stream delivers its watches' events in revision order: once /c/k (written
+            # after /b/k) has arrived, an event for /b/k would have arrived before it.
             assert recs["/c/"].wait(lambda r: "/c/k" in r.state, 5)
-            time.sleep(0.3)
             assert recs["/b/"].events == [] and not handles["/b/"].active
             assert wm.streams_opened == 1
             assert handles["/a/"].revision == c.get("/a/k")[1]
@@ -202,7 +202,9 @@ def test_etcd_down_at_start_then_callbacks_once_it_is_up(etcd) -> None:
         rec = Recorder()
         with WatchManager(c, progress_interval=0.5) as wm:
             wm.watch_prefix("/late/", rec.on_reset, rec.on_events)
-            time.sleep(1.5)
+            # A second stream is opened only after the first one failed: the manager has
+            # tried the dead etcd, so the absence of a reset below is not just "too early".
+            assert _wait(lambda: wm.streams_opened >= 2, 10)
             assert rec.resets == [] and not wm.connected and wm.last_contact is None
             etcd.restart()
             assert rec.wait(lambda r: len(r.resets) == 1, 5)
@@ -249,11 +251,12 @@ def test_silent_member_is_detected_and_the_stream_moves(etcd_cluster) -> None:
         with WatchManager(c, progress_interval=0.5) as wm:
             wm.watch_prefix("/s/", rec.on_reset, rec.on_events)
             assert rec.wait(lambda r: len(r.resets) == 1, 5)
-            # Progress answers keep last_contact fresh on an idle stream.
-            for _ in range(4):
-                time.sleep(0.5)
-                assert wm.last_contact is not None
-                assert time.monotonic() - wm.last_contact < 1.5
+            # Progress answers keep last_contact fresh on an idle stream: it advances
+            # again and again although nothing is written.
+            for _ in range(3):
+                before = wm.last_contact
+                assert before is not None
+                assert _wait(lambda b=before: (wm.last_contact or 0.0) > b, 3)
             victim = member_ids.index(wm.stream_member_id)
             pid = cluster.members[victim].pid
             assert pid is not None
@@ -278,7 +281,7 @@ def test_close_stops_every_thread(etcd) -> None:
     wm.watch_prefix("/t/", rec.on_reset, rec.on_events)
     assert rec.wait(lambda r: len(r.resets) == 1, 5)
     etcd.kill()  # also while reconnecting
-    time.sleep(0.3)
+    assert _wait(lambda: not wm.connected, 5)
     t0 = time.monotonic()
     wm.close()
     assert time.monotonic() - t0 < 2.5
@@ -306,8 +309,15 @@ def test_watch_through_grpc_proxy_that_ignores_progress_requests(etcd) -> None:
             assert wm.streams_opened == 1 and wm.connected
 
 
+SENTINEL = "zz-sentinel"
+
+
 class PrefixLog:
-    """Per-watch record of what it was given, to check nothing is lost or misrouted."""
+    """Per-watch record of what it was given, to check nothing is lost or misrouted.
+
+    A watch is done when its sentinel key (``prefix + SENTINEL``, written after everything
+    else under the prefix) has arrived: events of one watch arrive in revision order, so
+    anything else it would receive has arrived by then."""
 
     def __init__(self, prefix: str, done: threading.Event, pending: set[str], lock: threading.Lock):
         self.prefix = prefix
@@ -321,7 +331,7 @@ class PrefixLog:
     def on_events(self, events: list[Event], rev: int) -> None:
         with self._lock:
             self.keys.extend(e.kv.key for e in events)
-            if any(e.kv.key.startswith(self.prefix) for e in events):
+            if any(e.kv.key == self.prefix + SENTINEL for e in events):
                 self._pending.discard(self.prefix)
             if not self._pending:
                 self._done.set()
@@ -368,12 +378,15 @@ def test_hundreds_of_watches_through_grpc_proxy_each_get_their_own_events(etcd) 
             for p, log_ in logs.items():
                 assert log_.reset == {p + "seed": p.encode()}, (p, log_.reset)
             _put_all(c, [(p + "update", b"u") for p in prefixes])
-            done.wait(10)
-            time.sleep(0.3)  # anything misrouted or duplicated would arrive by now
+            _put_all(c, [(p + SENTINEL, b"s") for p in prefixes])
+            assert done.wait(10), sorted(pending)[:10]
+            expected = ["update", SENTINEL]
+            assert _wait(lambda: all(h.keys[-1:] == [p + SENTINEL] for p, h in early.items()), 10)
             with lock:
                 lost = sorted(p for p in prefixes if p + "update" not in logs[p].keys)
-                wrong = {p: h.keys for p, h in logs.items() if h.keys != [p + "update"]}
-                wrong_early = {p: h.keys for p, h in early.items() if h.keys != [p + "update"]}
+                wrong = {p: h.keys for p, h in logs.items() if h.keys != [p + k for k in expected]}
+                wrong_early = {p: h.keys for p, h in early.items()
+                               if h.keys != [p + k for k in expected]}
             assert not lost, f"{len(lost)} of {n} watches lost their update: {lost[:10]}"
             assert not wrong, f"{len(wrong)} watches got other events: {dict(list(wrong.items())[:5])}"
             assert not wrong_early, dict(list(wrong_early.items())[:5])
@@ -409,10 +422,13 @@ def test_watches_cancelled_before_their_create_is_answered_get_nothing(etcd) -> 
                     h.cancel()
             assert _wait(lambda: all(logs[p].reset is not None for p in keep), 10)
             _put_all(c, [(p + "k", b"v") for p in prefixes])
+            # The sentinels come last: one stream delivers its watches' events in revision
+            # order, so once every kept watch has its sentinel, any event for a cancelled
+            # watch (all at earlier revisions) would have arrived.
+            _put_all(c, [(p + SENTINEL, b"s") for p in keep])
             assert done.wait(10), sorted(pending)[:10]
-            time.sleep(0.3)
             with lock:
-                assert all(logs[p].keys == [p + "k"] for p in keep)
+                assert all(logs[p].keys == [p + "k", p + SENTINEL] for p in keep)
                 assert all(logs[p].keys == [] for p in prefixes if p not in keep)
             assert all(h.active == (h.prefix in keep) for h in handles)
             assert _wait(lambda: _etcd_watchers(etcd) - base == len(keep), 5), (
