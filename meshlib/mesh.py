@@ -231,6 +231,7 @@ class Mesh:
                     )
                     dest.breaker_listeners = self.breaker_listeners
                     dest.observer = self.call_observer("http", service)  # policy changes
+                    dest.discovery = self._watcher  # "etcd unreachable since" in errors
                     self._sync_endpoint_gauges(service, self.snapshot(service))
                     self._destinations[service] = dest
         return dest

@@ -20,14 +20,19 @@ bucketing: **at the moment of every allowed retry, the retries in the trailing w
 window.** (No budget can promise the bound for arbitrary windows not ending at a retry:
 deposits made just before a window legitimately fund retries inside it.)
 
-Per-request work is one comparison and one ``+=``: deposits of the current bucket count in
-``current`` and are folded into the ring when the clock passes ``current_end`` (the call plan
-inlines exactly this). Counters are updated without a lock: under the GIL a lost race costs
-one count of accuracy, never a crash.
+Per-request work is one comparison and one ``+=``: ``current`` counts every deposit ever
+made, and when the clock passes ``current_end`` the deposits since the last fold
+(``current - _folded``) go into the finished bucket. Threads: a deposit takes no lock (a
+``+=`` raced by another thread can lose one count, which only makes the budget stricter);
+moving to a new bucket (at most once per ``window / buckets``) and every withdrawal take a
+lock, so no bucket is folded or zeroed twice and two threads cannot both take the last
+retry. So the guarantee above holds under threads too, with requests counted at most
+exactly (a deposit counts in the bucket that is current when it lands).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +48,7 @@ class RetryBudget:
 
     __slots__ = (
         "percent", "min_retries_per_second", "window", "_now", "_n", "_inv_width",
-        "_reserve", "_dep", "_wd", "_cur", "current", "current_end",
+        "_reserve", "_dep", "_wd", "_cur", "current", "_folded", "current_end", "_lock",
     )
 
     def __init__(
@@ -73,9 +78,12 @@ class RetryBudget:
         self._dep = [0] * self._n
         self._wd = [0] * self._n
         self._cur = int(now() * self._inv_width)
-        #: deposits in the current bucket (not yet in ``_dep``) and when that bucket ends
+        #: every deposit ever counted; those since ``_folded`` are the current bucket's
         self.current = 0
+        self._folded = 0
+        #: when the current bucket ends
         self.current_end = (self._cur + 1) / self._inv_width
+        self._lock = threading.Lock()
 
     @classmethod
     def from_policy(cls, budget: Any, now: Callable[[], float]) -> RetryBudget:
@@ -83,12 +91,17 @@ class RetryBudget:
         return cls(budget.percent, budget.min_retries_per_second, budget.window, now)
 
     def _advance(self, idx: int) -> None:
+        with self._lock:
+            self._advance_locked(idx)
+
+    def _advance_locked(self, idx: int) -> None:
         cur = self._cur
         if idx <= cur:
-            return  # a clock read raced with another thread's advance
+            return  # another thread moved to this bucket first
         n = self._n
-        self._dep[cur % n] += self.current  # fold the finished bucket's deposits
-        self.current = 0
+        total = self.current
+        self._dep[cur % n] += total - self._folded  # fold the finished bucket's deposits
+        self._folded = total
         steps = idx - cur
         if steps >= n:
             for i in range(n):
@@ -117,7 +130,7 @@ class RetryBudget:
         n = self._n
         cur = self._cur
         oldest = (cur + 1) % n  # the extra slot: withdrawals only
-        deposits = sum(self._dep) - self._dep[oldest] + self.current
+        deposits = sum(self._dep) - self._dep[oldest] + (self.current - self._folded)
         return deposits, sum(self._wd)
 
     def available(self, now: float | None = None) -> float:
@@ -127,13 +140,17 @@ class RetryBudget:
         return (self.percent * deposits + self._reserve) / 100.0 - withdrawals
 
     def try_withdraw(self, now: float | None = None) -> bool:
-        """Take one retry from the budget; ``False`` (and nothing taken) when exhausted."""
-        self._roll(now)
-        deposits, withdrawals = self._sums()
-        if (withdrawals + 1) * 100.0 <= self.percent * deposits + self._reserve:
-            self._wd[self._cur % self._n] += 1
-            return True
-        return False
+        """Take one retry from the budget; ``False`` (and nothing taken) when exhausted.
+        Under a lock: retries are rare, and the check and the take must be one step."""
+        t = self._now() if now is None else now
+        with self._lock:
+            if t >= self.current_end:
+                self._advance_locked(int(t * self._inv_width))
+            deposits, withdrawals = self._sums()
+            if (withdrawals + 1) * 100.0 <= self.percent * deposits + self._reserve:
+                self._wd[self._cur % self._n] += 1
+                return True
+            return False
 
     def __repr__(self) -> str:
         return (

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from itertools import repeat
-from typing import Any
+from typing import Any, Protocol
 
 from meshlib.core.balancer import Balancer, LoadStats, ZoneFilter, hash_key_source, make_balancer
 from meshlib.core.budget import RetryBudget
@@ -39,6 +39,17 @@ _BREAKER_EVENTS = {
     EventKind.BREAKER_HALF_OPEN: "half-open",
     EventKind.BREAKER_CLOSED: "closed",
 }
+
+
+class DiscoveryState(Protocol):
+    """What the call plan may ask of discovery: is etcd reachable, and since when not
+    (``meshlib.discovery.watch.WatchManager`` has exactly these two properties)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def last_contact(self) -> float | None: ...
 
 
 class _StateName:
@@ -140,6 +151,10 @@ class DestinationState:
         #: told of health events no call caused (a policy change closing a breaker or
         #: ending an ejection): the destination's telemetry recorder (a ``CallObserver``)
         self.observer: Any = None
+        #: discovery's connection state, for error messages (``Mesh`` sets its etcd watch):
+        #: ``connected`` (bool) and ``last_contact`` (this clock's time of etcd's last
+        #: answer, None before the first), or None when unknown
+        self.discovery: DiscoveryState | None = None
 
     def health_changed(self, events: tuple[HealthEvent, ...]) -> None:
         """Health events that happened outside a call: to :attr:`observer` and listeners."""

@@ -245,7 +245,6 @@ class HedgingPlan:
 
 
 _NONE_TRIED: frozenset[str] = frozenset()
-_new = object.__new__
 #: The deadline of calls with neither a policy timeout nor an inherited one (immutable).
 _UNBOUNDED = Deadline(None)
 
@@ -349,26 +348,21 @@ class RetryPolicy:
         """
         t = self._now() if now is None else now
         idem = True if grpc else is_idempotent(method, has_idempotency_key, self)
-        return CallState(self.deadline_for(t, deadline), idem, replayable, grpc)
+        return CallState(self.deposit_and_deadline(t, deadline), idem, replayable, grpc)
 
-    def deadline_for(self, t: float, deadline: Deadline | None) -> Deadline:
-        """A call starts at ``t``: deposit into the retry budget and return its overall
-        deadline, the earlier of ``t + timeout`` and ``deadline`` (inherited or the caller's).
-        The call plan's entry (positional, one frame; :meth:`new_call` adds the state)."""
-        budget = self.budget
-        if budget is not None:  # RetryBudget.deposit, inlined
-            if t >= budget.current_end:
-                budget.deposit(t)
-            else:
-                budget.current += 1
+    def deposit_and_deadline(self, t: float, deadline: Deadline | None) -> Deadline:
+        """A logical call starts at ``t``: **deposits one request into the retry budget**
+        (once per call, never per attempt) and returns the call's overall deadline, the
+        earlier of ``t + timeout`` and ``deadline`` (inherited or the caller's). The call
+        plan's entry; :meth:`new_call` adds the idempotency decision and the state."""
+        if self.budget is not None:
+            self.budget.deposit(t)
         timeout = self.timeout
         if timeout is None:
             return _UNBOUNDED if deadline is None else deadline
         if deadline is not None and deadline.at is not None and deadline.at < t + timeout:
             return deadline
-        dl = _new(Deadline)  # Deadline(t + timeout) without the __init__ frame
-        dl.at = t + timeout
-        return dl
+        return Deadline(t + timeout)
 
     def attempt_timeout(self, state: CallState, now: float) -> float | None:
         """Timeout of the next attempt: ``min(per_try_timeout, remaining overall)``."""

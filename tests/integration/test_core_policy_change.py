@@ -77,3 +77,23 @@ def test_a_raising_breaker_listener_does_not_fail_the_call(etcd_server, etcd_pre
             assert any("breaker listener" in r.getMessage() for r in caplog.records)
     finally:
         up.stop()
+
+
+def test_with_etcd_unreachable_and_no_snapshot_the_error_says_so():
+    """Issue 9: the error used to say "service 'stock' has no endpoints in etcd" when etcd
+    had never been reached; it now says etcd could not be reached and since when."""
+    import socket
+
+    from meshlib.http.errors import NoEndpointsError
+
+    with socket.socket() as s:  # a port nobody listens on: etcd is unreachable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with Mesh(f"127.0.0.1:{port}", handle_sigterm=False) as mesh:
+        with mesh.http_client() as client:
+            with pytest.raises(NoEndpointsError) as err:
+                client.get("http://stock/")
+    msg = str(err.value)
+    assert "etcd has not answered since the mesh started" in msg or (
+        "etcd unreachable for" in msg), msg
+    assert "no snapshot of the service is cached" in msg

@@ -106,3 +106,76 @@ def test_from_policy_and_validation():
     with pytest.raises(ValueError, match="percent"):
         RetryBudget(-1, 10, 1, clock)
 
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def _hammer(budget, clock_box, threads: int, per_thread: int, advance_every: int) -> None:
+    """``threads`` threads deposit ``per_thread`` times each and move the clock forward one
+    bucket every ``advance_every`` deposits, so bucket changes race with each other and with
+    deposits. A tiny switch interval makes the races happen."""
+    import sys
+    import threading
+
+    start = threading.Barrier(threads)
+
+    def work(i: int) -> None:
+        start.wait()
+        for j in range(per_thread):
+            if j % advance_every == 0:
+                clock_box[0] += 1.0
+            budget.deposit()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_deposits_racing_bucket_changes_are_never_counted_twice():
+    """Two threads folding one bucket used to count its deposits twice (and zero a bucket
+    another thread had just filled): the budget then allowed more retries than its bound."""
+    from meshlib.core.budget import RetryBudget
+
+    for _ in range(10):
+        clock_box = [0.0]
+        # window 10000 s in 10000 buckets, each thread moves the clock one bucket every 4
+        # deposits (2000 bucket changes) and no deposit expires: all are live at the end
+        budget = RetryBudget(20, 0, 10000.0, lambda box=clock_box: box[0], buckets=10000)
+        threads, per_thread = 4, 2000
+        _hammer(budget, clock_box, threads, per_thread, advance_every=4)
+        deposits, withdrawals = budget._sums()
+        made = threads * per_thread
+        assert deposits <= made, (deposits, made)  # never more than were made
+        assert deposits >= made * 0.95  # a lost ``+=`` race costs a count, rarely
+        assert withdrawals == 0
+
+
+def test_concurrent_withdrawals_never_exceed_the_budget():
+    import threading
+
+    from meshlib.core.budget import RetryBudget
+
+    clock_box = [100.0]
+    budget = RetryBudget(0, 5, 2.0, lambda: clock_box[0])  # reserve: 5/s * 2 s = 10 retries
+    taken: list[bool] = []
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(50):
+            taken.append(budget.try_withdraw())
+
+    ts = [threading.Thread(target=work) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert taken.count(True) == 10

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from meshlib.core.destination import DestinationState
 from meshlib.core.endpoints import ServiceSnapshot
 
@@ -143,3 +145,46 @@ def test_a_raising_breaker_listener_is_logged_and_the_others_still_hear(caplog):
     assert heard == [("closed", "open")]
     (rec,) = caplog.records
     assert "breaker listener" in rec.getMessage() and rec.exc_info[0] is RuntimeError
+
+
+# --------------------------------------------------------------------------- no endpoints
+
+
+class _Discovery:
+    def __init__(self, connected: bool, last_contact: float | None) -> None:
+        self.connected = connected
+        self.last_contact = last_contact
+
+
+def _empty_plan(revision: int = 0, from_cache: bool = False):
+    from meshlib.config.policy import DEFAULT_POLICY
+
+    snap = ServiceSnapshot("stock", (), DEFAULT_POLICY, revision=revision, from_cache=from_cache)
+    d = DestinationState("stock", lambda: snap, now=lambda: 500.0)
+    return d, d.plan()
+
+
+@pytest.mark.parametrize(("discovery", "revision", "from_cache", "expected"), [
+    (None, 7, False, "service 'stock' has no endpoints in etcd"),
+    (_Discovery(True, 499.0), 7, False, "service 'stock' has no endpoints in etcd"),
+    (_Discovery(True, 499.0), 0, False, "no answer from etcd yet for this service"),
+    (_Discovery(False, None), 0, False,
+     "no endpoints known: etcd has not answered since the mesh started and no snapshot"),
+    (_Discovery(False, 488.0), 0, False, "no endpoints known: etcd unreachable for 12.0s"),
+    (_Discovery(False, 488.0), 0, True,
+     "had no endpoints in the cached snapshot; etcd unreachable for 12.0s"),
+    (_Discovery(False, 480.0), 9, False,
+     "had no endpoints in etcd revision 9; etcd unreachable for 20.0s"),
+])
+def test_no_endpoints_message_says_whether_etcd_was_reachable(discovery, revision, from_cache,
+                                                             expected):
+    from meshlib.core.call import FailureKind, run_call
+
+    d, plan = _empty_plan(revision, from_cache)
+    d.discovery = discovery
+    gen = run_call(d, plan, method="GET")
+    with pytest.raises(StopIteration) as stop:
+        next(gen)
+    end = stop.value.value
+    assert end.failure == FailureKind.NO_ENDPOINTS
+    assert expected in end.message

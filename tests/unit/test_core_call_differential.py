@@ -1,0 +1,202 @@
+"""Differential test: the call plan against a reference built from the home methods.
+
+``run_call`` is the hot path of every call; the rule of docs/design.md ("the inlining rule")
+allows it to restate a rule of another module for speed only when a test holds the copy to
+the original. This is that test, kept even while ``run_call`` calls every home method (so a
+shortcut added later is caught at once): random scripts of outcomes (seeded, many scripts,
+several policies) are run through ``run_call`` and through :func:`reference_call`, a plain
+loop written only with ``DestinationState.acquire`` / ``release``,
+``HealthRegistry.admit`` / ``record``, ``LoadStats.start`` / ``finish``, ``RetryPolicy.new_call`` (``CallState``, the budget's ``deposit``) and
+``RetryPolicy.decide`` (the budget's ``try_withdraw``). Both sides start from identical
+destinations (same seed, same clock) and must pick the same endpoints, end the same way and
+leave identical health, load and budget state while every attempt runs and after every call.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from plan_fakes import Clock
+
+from meshlib.config.policy import parse_policy_dict
+from meshlib.core.call import Attempt, AttemptResult, CallEnd, Sleep, run_call
+from meshlib.core.destination import DestinationState
+from meshlib.core.endpoints import Endpoint, ServiceSnapshot
+from meshlib.core.health import REJECT
+from meshlib.core.outcome import Outcome
+from meshlib.core.retry import FINISH, Fail
+from meshlib.core.steps import fallback_pick
+
+SVC = "diff"
+RESULTS = [
+    AttemptResult(Outcome.SUCCESS, 200, "ok"),
+    AttemptResult(Outcome.SUCCESS, 200, "ok"),
+    AttemptResult(Outcome.SUCCESS, 200, "ok"),
+    AttemptResult(Outcome.GATEWAY_ERROR, 503, "busy"),
+    AttemptResult(Outcome.GATEWAY_ERROR, 503, "busy", retry_after_s=0.01),
+    AttemptResult(Outcome.HTTP_5XX, 500, "boom"),
+    AttemptResult(Outcome.HTTP_4XX, 404, "missing"),
+    AttemptResult(Outcome.CONNECT_FAILURE, None, "refused"),
+    AttemptResult(Outcome.RESET, None, "reset"),
+    AttemptResult(Outcome.TIMEOUT, None, "slow"),
+]
+
+POLICIES: list[dict[str, Any]] = [
+    {},
+    {"load_balancer": {"policy": "round_robin"},
+     "circuit_breaker": {"failure_threshold": 2, "reset_timeout": "200ms"},
+     "outlier_detection": {"consecutive_5xx": 2, "max_ejection_percent": 100,
+                           "base_ejection_time": "300ms"}},
+    {"load_balancer": {"policy": "peak_ewma"}, "retries": {"attempts": 4},
+     "circuit_breaker": {"failure_threshold": 1, "reset_timeout": "50ms",
+                         "half_open_max_calls": 2},
+     "outlier_detection": {"consecutive_gateway_failure": 1, "max_ejection_percent": 50,
+                           "always_eject_one_host": True, "base_ejection_time": "100ms"}},
+    {"load_balancer": {"policy": "random"}, "timeout": "150ms",
+     "retries": {"attempts": 5, "per_try_timeout": "50ms",
+                 "retry_on": ["5xx", "reset", "connect-failure"],
+                 "budget": {"percent": 10, "min_retries_per_second": 1, "window": "1s"}},
+     "circuit_breaker": {"enabled": False}},
+    {"retries": {"attempts": 3, "methods": ["PUT"]},  # GET is not retried: Fail reasons
+     "outlier_detection": {"enabled": False}},
+]
+
+
+def _dest(raw: dict[str, Any], seed: int) -> tuple[DestinationState, Clock]:
+    eps = tuple(Endpoint(SVC, f"i{i}", "127.0.0.1", 9000 + i, key=f"/svc/{SVC}/i{i}")
+                for i in range(4))
+    snap = ServiceSnapshot(SVC, eps, parse_policy_dict(raw, "diff"))
+    clock = Clock()
+    dest = DestinationState(SVC, lambda: snap, now=clock, rng=random.Random(seed))
+    dest.plan()
+    return dest, clock
+
+
+class Script:
+    """The outcomes and durations of one call's attempts, drawn once and replayed on both
+    sides (attempt ``n`` gets the same result and takes the same time on each)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.steps = [(rng.choice(RESULTS), rng.choice((0.0, 0.001, 0.02, 0.07)))
+                      for _ in range(6)]
+        self.gap = rng.choice((0.0, 0.005, 0.05, 0.3))  # time before the call starts
+
+    def answer(self, n: int) -> tuple[AttemptResult, float]:
+        return self.steps[min(n, len(self.steps)) - 1]
+
+
+def during(dest: DestinationState, key: str, timeout: float | None) -> tuple[Any, ...]:
+    """What an attempt sees while it runs: its endpoint and timeout, and the whole state."""
+    return key, timeout, state_of(dest)
+
+
+def drive(dest: DestinationState, clock: Clock, script: Script) -> tuple[CallEnd, list[Any]]:
+    """Run ``run_call`` as a driver does: answer each Attempt from the script."""
+    gen = run_call(dest, dest.plan(), method="GET")
+    picks: list[Any] = []
+    try:
+        action = next(gen)
+        while True:
+            if isinstance(action, Sleep):
+                clock.advance(action.seconds)
+                action = gen.send(None)
+                continue
+            assert isinstance(action, Attempt)
+            picks.append(during(dest, action.endpoint.key, action.timeout))
+            result, took = script.answer(action.number)
+            clock.advance(took)
+            action = gen.send(result)
+    except StopIteration as stop:
+        return stop.value, picks
+
+
+def reference_call(dest: DestinationState, clock: Clock,
+                   script: Script) -> tuple[tuple[str | None, int, str | None], list[Any]]:
+    """The same call written only with the home methods, in their documented order."""
+    assert dest.acquire()  # the concurrency slot (Envoy max_requests)
+    try:
+        return _reference_loop(dest, clock, script)
+    finally:
+        dest.release()
+
+
+def _reference_loop(dest: DestinationState, clock: Clock,
+                    script: Script) -> tuple[tuple[str | None, int, str | None], list[Any]]:
+    plan = dest.plan()
+    health, stats, retry, balancer = dest.health, dest.stats, plan.retry, plan.balancer
+    candidates_all = plan.router.default.endpoints
+    t = clock()
+    state = retry.new_call("GET", now=t)  # CallState; deposits into the budget
+    picks: list[Any] = []
+    result: AttemptResult | None = None
+    rejects = 0
+    while True:
+        if state.deadline.expired(t):
+            return ("deadline_exceeded", state.attempt, None), picks
+        candidates = plan.zones.select(candidates_all, t)
+        ep = balancer.pick(candidates, state.tried, None, t)
+        if ep is None:
+            ep = fallback_pick(balancer, candidates, candidates_all, state.tried, None, t)
+            if ep is None:
+                return ("circuit_open", state.attempt, None), picks
+        admission = health.admit(ep, t)
+        if admission == REJECT:
+            rejects += 1
+            if rejects > len(candidates_all):
+                return ("circuit_open", state.attempt, None), picks
+            continue
+        state.begin_attempt(ep.key)
+        start = stats.start(ep, t)
+        picks.append(during(dest, ep.key, retry.attempt_timeout(state, t)))
+        result, took = script.answer(state.attempt)
+        clock.advance(took)
+        t = clock()
+        stats.finish(ep, start, t, result.outcome is Outcome.SUCCESS)
+        health.record(ep, result.outcome, admission, t)
+        d = retry.decide(state, result.outcome, result.status, result.retry_after_s, t,
+                         grpc_code=result.grpc_code, pushback_s=result.pushback_s)
+        if d is FINISH or isinstance(d, Fail):
+            stopped = d.reason if isinstance(d, Fail) else None
+            deadline_end = result.status is None and result.outcome is not Outcome.SUCCESS and (
+                stopped == "deadline_exceeded" or state.deadline.expired(t))
+            return ("deadline_exceeded" if deadline_end else None, state.attempt,
+                    stopped), picks
+        if d.delay_s > 0:
+            clock.advance(d.delay_s)
+            t = clock()
+
+
+def state_of(dest: DestinationState) -> dict[str, Any]:
+    """Everything the calls leave behind: health slots, load slots, the retry budget."""
+    health = {
+        k: tuple(getattr(s, f) for f in s.__slots__ if f != "lock")
+        for k, s in sorted(dest.health.slots.items())
+    }
+    load = {k: (s.in_flight, s.ewma, s.stamp) for k, s in sorted(dest.stats.slots.items())}
+    b = dest.plan().retry.budget
+    assert b is not None
+    budget = (tuple(b._dep), tuple(b._wd), b.current - b._folded, b._cur)
+    return {"health": health, "load": load, "budget": budget,
+            "inflight": dest.inflight}
+
+
+@pytest.mark.parametrize("policy_index", range(len(POLICIES)))
+@pytest.mark.parametrize("seed", range(8))
+def test_run_call_leaves_the_state_the_home_methods_leave(policy_index: int, seed: int):
+    raw = POLICIES[policy_index]
+    plan_dest, plan_clock = _dest(raw, seed)
+    ref_dest, ref_clock = _dest(raw, seed)
+    scripts = random.Random(1000 * policy_index + seed)
+    for i in range(60):  # one script = one call; 60 calls per destination
+        script = Script(scripts)
+        plan_clock.advance(script.gap)
+        ref_clock.advance(script.gap)
+        end, picks = drive(plan_dest, plan_clock, script)
+        ref_end, ref_picks = reference_call(ref_dest, ref_clock, script)
+        where = f"policy {policy_index}, seed {seed}, call {i}"
+        assert picks == ref_picks, where
+        assert (end.failure, end.attempts, end.stopped) == ref_end, where
+        assert plan_clock.t == ref_clock.t, where
+        assert state_of(plan_dest) == state_of(ref_dest), where
