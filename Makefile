@@ -52,6 +52,7 @@ demo: $(STAMP) node-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m meshlib.demo
 
 test: $(STAMP) system-deps node-deps
+	$(BIN)/python scripts/unasync.py --check
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m ruff check meshlib tests bench examples
 	$(BIN)/python -m mypy meshlib
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider

@@ -1,14 +1,13 @@
-"""What the sync and async httpx transports share: everything but the I/O calls.
+"""What the httpx transports do around each attempt: headers, timeouts, results, telemetry.
 
 The hot path avoids httpx's URL machinery (``url.copy_with`` alone costs ~37 us, see the
 field notes): an attempt sends the original request's raw target and headers to the
-endpoint's address through meshlib's own connections (``connections.py``). The ``Host``
+endpoint's address through meshlib's own connections (``meshlib.http.backends``). The ``Host``
 header stays the mesh service name (``Host: orders``), as a sidecar would send it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from time import perf_counter
 from typing import Any, Final
@@ -169,25 +168,3 @@ def _outcome(request: httpx.Request, service: str, end: CallEnd) -> httpx.Respon
         value.add_note(f"meshlib: service {service!r}, {end.attempts} attempt(s)")
         raise value
     return value  # type: ignore[no-any-return]
-
-
-def discard(value: Any) -> None:
-    """Release a response that will not be returned (its attempt is being retried)."""
-    if isinstance(value, httpx.Response):
-        with contextlib.suppress(httpx.HTTPError):
-            value.read()
-        value.close()
-
-
-async def adiscard(value: Any) -> None:
-    if isinstance(value, httpx.Response):
-        with contextlib.suppress(httpx.HTTPError):
-            await value.aread()
-        await value.aclose()
-
-
-def close_unread(value: Any) -> None:
-    """Close a sync response without reading it (a hedged loser: drop its connection)."""
-    if isinstance(value, httpx.Response):
-        with contextlib.suppress(httpx.HTTPError):
-            value.close()

@@ -1,6 +1,6 @@
 """HTTP/1.1 message framing for the mesh's own client connections, sans I/O.
 
-The sync and async connections (``connections.py``) only move bytes; everything about
+The sync and async connections (``meshlib/http/backends/``) only move bytes; everything about
 the protocol lives here, as in h11, but only what a client talking to mesh endpoints
 needs (RFC 9112):
 
@@ -58,6 +58,24 @@ def encode_chunk(part: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+def request_bytes(
+    method: str, target: bytes, headers: list[tuple[bytes, bytes]], stream: object
+) -> tuple[bytes, bool, bool, bool]:
+    """(bytes to write first, body still to stream?, chunked?, client asked to close?).
+
+    An in-memory body (``httpx.ByteStream``) is written together with the head, framed as
+    the request's headers say; any other stream is sent after it, part by part."""
+    parts, chunked, close = encode_head(method, target, headers)
+    if isinstance(stream, httpx.ByteStream):
+        body = stream._stream
+        if chunked:
+            parts.append((encode_chunk(body) if body else b"") + LAST_CHUNK)
+        elif body:
+            parts.append(body)
+        return b"".join(parts), False, chunked, close
+    return b"".join(parts), True, chunked, close
 
 
 def take_head(buf: bytearray, eof: bool) -> bytes | None:

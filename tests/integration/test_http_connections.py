@@ -25,7 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
-from meshlib.http.connections import AsyncPool, SyncPool
+from meshlib.http._async.pool import AsyncPool
+from meshlib.http._sync.pool import SyncPool
 
 TIMEOUTS: dict[str, float | None] = {"connect": 2.0, "read": 2.0, "write": 2.0}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"

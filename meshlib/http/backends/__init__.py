@@ -1,0 +1,26 @@
+"""The I/O that differs between the sync and the async HTTP drivers, behind one interface.
+
+Everything else about the drivers (the connection pool, the response body, the transport's
+call loop and its hedged twin) is written once, as async code in ``meshlib/http/_async/``,
+and the sync code in ``meshlib/http/_sync/`` is generated from it by ``scripts/unasync.py``
+(as httpcore does). What cannot be generated lives here, by hand, in two modules with the
+same names in them (the generator maps ``backends.aio`` to ``backends.sync`` and
+``Async<Name>`` to ``Sync<Name>``):
+
+========================  ==============================  ================================
+member                    ``aio`` (asyncio)                ``sync`` (blocking)
+========================  ==============================  ================================
+``connect(key, timeout)``  ``loop.create_connection``       ``socket.create_connection``
+``<X>Connection``          an ``asyncio.Protocol``          a blocking socket
+``  .fill(timeout)``       wait for ``data_received``       ``recv``
+``  .send(data, timeout)`` ``write``, drain when paused     ``sendall``
+``  .usable()``            EOF / bytes seen by the protocol a non-blocking ``MSG_PEEK``
+``  .park()``              resume reading when paused       (nothing to do)
+``discard(response)``      read to the end, then close      the same, blocking
+``sleep(seconds)``         ``asyncio.sleep``                ``time.sleep``
+``<X>Hedges``              one task per hedged attempt      a small thread pool
+========================  ==============================  ================================
+
+A connection raises the httpx exceptions httpx's own transport raises (``ConnectError``,
+``ConnectTimeout``, ``ReadTimeout``, ``WriteTimeout``, ``ReadError``, ``WriteError``).
+"""
