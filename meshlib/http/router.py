@@ -19,7 +19,7 @@ from meshlib.http.attempt import CALLER_HEADER, replayable, request_deadline
 from meshlib.http.errors import NotAMeshServiceError, UnsupportedSchemeError
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 _NOT_MESH = object()
 
@@ -43,7 +43,7 @@ class Route:
 class Router:
     """Host -> :class:`Route` (cached per host: one dict lookup per call)."""
 
-    def __init__(self, mesh: Mesh, passthrough: bool) -> None:
+    def __init__(self, mesh: MeshPort, passthrough: bool) -> None:
         self.mesh = mesh
         self.passthrough = passthrough
         self._by_host: dict[bytes, Any] = {}

@@ -49,11 +49,14 @@ from meshlib.telemetry.tracing import start_http_call
 from .pool import SyncPool
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 
 class MeshTransport(httpx.BaseTransport):
     """``httpx.Client(transport=MeshTransport(mesh))``: calls to mesh services.
+
+    ``mesh``: a :class:`meshlib.Mesh`, or anything with the members the drivers use
+    (:class:`meshlib.ports.MeshPort`).
 
     ``max_keepalive_per_endpoint``: idle connections kept per endpoint. ``hedge_threads``:
     threads for the attempts of hedged calls in the sync transport (the async one runs them
@@ -61,7 +64,7 @@ class MeshTransport(httpx.BaseTransport):
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: MeshPort,
         *,
         passthrough: bool = True,
         max_keepalive_per_endpoint: int = 64,
