@@ -19,7 +19,8 @@ Context) -> int`` and a builder ``add_<name>_command(sub)`` that calls
 func=cmd_<name>, needs_etcd=True|False)``; then append the builder to ``SUBCOMMANDS`` in
 :mod:`meshlib.cli.parser`. The global ``--etcd/--prefix/--timeout`` options are accepted after
 it automatically; raise :class:`CliError` for expected failures (one line on stderr, exit 1,
-or 2 with ``EXIT_USAGE``). See docs/meshctl.md.
+or 2 with ``EXIT_USAGE``). Document it in docs/meshctl.md and the README's meshctl list (a
+test checks the list).
 
 Exit codes: 0 success, 1 runtime failure (etcd unreachable, key absent), 2 usage or
 validation error (argparse also uses 2).
