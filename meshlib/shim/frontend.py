@@ -210,6 +210,7 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         self.busy = False  # a request is being handled
         self.tunnel: Any = None  # set by an upgrade handler: receives raw bytes
+        self.upgrade_req: Request | None = None
 
     # ---------------------------------------------------------------- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -268,16 +269,16 @@ class ServerConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            req = self.cur
+            # CONNECT or Upgrade: llhttp stops parsing after the head (on_message_complete
+            # has run); the rest of ``data`` belongs to the tunnel, if one is made
+            req, self.upgrade_req = self.upgrade_req, None
+            self.cur = None
             self.stopped = True
             self._pause()
-            if req is not None and req.reject is None:
+            if req is not None:
                 req.upgrade = True
-                req.tail = data[exc.args[0]:] if exc.args and isinstance(exc.args[0], int) else b""
-                self.cur = None
-                self._enqueue(req)
-            elif req is not None:
-                self.cur = None
+                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+                req.tail = data[offset:]
                 self._enqueue(req)
             return
         except httptools.HttpParserError as exc:
@@ -348,6 +349,7 @@ class ServerConnection(asyncio.Protocol):
             cur.body.consumed = True
             cur.body.expect_continue = False
         if p.should_upgrade():
+            self.upgrade_req = cur
             return  # llhttp raises HttpParserUpgrade after this callback
         self._enqueue(cur)
 
@@ -545,8 +547,10 @@ class Responder:
         self.status = status
         self.no_body = (req.method == "HEAD" or status in _NO_BODY_STATUS
                         or 100 <= status < 200)
-        if self.conn.server.draining:
-            self.close_after = True
+        conn = self.conn
+        if conn.server.draining or (conn.stopped and not conn.queue) or (
+                req.body is not None and req.body.error is not None):
+            self.close_after = True  # nothing more will be read from this connection
         parts = [status_line(status)]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")

@@ -60,6 +60,24 @@ def run_wait(cfg: ShimConfig, timeout: float, command: Sequence[str]) -> int:
     return 0
 
 
+#: Proxy settings honoured by httpx, grpcio (the etcd client, gRPC upstreams) and urllib.
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                   "all_proxy", "grpc_proxy", "GRPC_PROXY")
+
+
+def ignore_proxy_environment() -> list[str]:
+    """Remove proxy variables from this process's environment: the app's container often
+    sets ``HTTP_PROXY`` to the shim itself, and the shim's own traffic (etcd, endpoints)
+    must never go through it (a loop) or through any other proxy."""
+    removed = [v for v in PROXY_VARIABLES if v in os.environ]
+    for v in removed:
+        del os.environ[v]
+    if removed:
+        logging.getLogger("meshlib.shim").info(
+            "ignoring %s: the shim's own connections never use a proxy", ", ".join(removed))
+    return removed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, ns = load_config(argv)
@@ -86,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from meshlib.shim.app import Shim
 
+    ignore_proxy_environment()
     try:
         return Shim(cfg).run()
     except ConfigError as exc:

@@ -199,18 +199,24 @@ class OutboundProxy:
             return r
         store = self.mesh.store
         snap = store.get(service)
-        if snap is None:
+        if not _listed(snap):
+            # the first request for a name waits for etcd's first listing of it; a snapshot
+            # published before that (revision 0, e.g. when the default policy changes) does
+            # not tell whether the service exists
             loop = self._loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            self._waiters.setdefault(service, []).append(fut)
-            snap = store.get(service)  # published between the check and the registration?
-            if snap is None:
+            deadline = loop.time() + self.resolve_timeout
+            while not _listed(snap) and loop.time() < deadline:
+                fut = loop.create_future()
+                self._waiters.setdefault(service, []).append(fut)
+                snap = store.get(service)  # published between the check and the wait?
+                if _listed(snap):
+                    break
                 try:
-                    await asyncio.wait_for(fut, self.resolve_timeout)
+                    await asyncio.wait_for(fut, deadline - loop.time())
                 except TimeoutError:
                     pass
                 snap = store.get(service)
-        if snap is None:
+        if snap is None or not _listed(snap):
             raise Refusal(503, f"service {service!r}: etcd has not answered within "
                           f"{self.resolve_timeout}s and no snapshot knows the service",
                           "discovery_unavailable")
@@ -510,6 +516,11 @@ def _result(up: UpstreamResponse) -> AttemptResult:
                 break
     outcome = classify_http(status, None) if status < 600 else Outcome.HTTP_5XX
     return AttemptResult(outcome, status, up, retry_after_s=retry_after)
+
+
+def _listed(snap: Any) -> bool:
+    """Whether a snapshot reflects etcd (a listing at some revision) or the snapshot file."""
+    return snap is not None and bool(snap.revision or snap.from_cache)
 
 
 def _abort_result(task: asyncio.Task[Any]) -> None:
