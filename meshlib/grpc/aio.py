@@ -1,7 +1,8 @@
 """``AioMeshChannel``: a ``grpc.aio.Channel`` whose calls go through the mesh.
 
-The asyncio twin of :mod:`meshlib.grpc.channel` (same plan, same retry and commit rules;
-the drive loops differ only by ``await``). ``OrdersStub(mesh.aio_grpc_channel("orders"))``
+The asyncio twin of :mod:`meshlib.grpc.channel`: the same plan, retry and commit rules and
+telemetry, because both call :class:`meshlib.grpc.driver.CallDriver` (each call object here
+*is* one) and only wait differently (``await``). ``OrdersStub(mesh.aio_grpc_channel("orders"))``
 returns calls that are awaitable (unary response) or async-iterable with ``read()`` (stream
 response), with ``write()`` / ``done_writing()`` for request streams and the async
 ``grpc.aio.Call`` accessors (``code()``, ``details()``, ``initial_metadata()``,
@@ -19,174 +20,96 @@ a CLIENT span and one attempt observation per attempt as it ends.
 from __future__ import annotations
 
 import asyncio
-from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import grpc.aio
 from grpc.aio import AioRpcError
 
-from meshlib.core.call import AttemptResult, CallEnd, CallGen, Sleep
-from meshlib.core.outcome import Outcome
-from meshlib.grpc.attempt import (
-    OK_RESULT,
-    attempt_aborted,
-    attempt_ended,
-    attempt_metadata,
-    base_metadata,
-    call_cancelled,
-    call_ended,
-    end_error,
-    result_from_error,
-    settle_stream,
-    start_call,
-)
+from meshlib.core.call import Attempt, CallEnd, Sleep
+from meshlib.grpc.attempt import result_from_error
 from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
-from meshlib.telemetry.tracing import NOOP_ATTEMPT, NOOP_CALL
-from meshlib.telemetry.tracing import state as _tstate
-
-if TYPE_CHECKING:
-    pass
+from meshlib.grpc.driver import CallDriver
 
 _EOF = grpc.aio.EOF
-_SUCCESS = Outcome.SUCCESS
 _sleep = asyncio.sleep
 #: (credentials, wait_for_ready, compression) when the caller set none of them.
 _NO_EXTRA: tuple[Any, Any, Any] = (None, None, None)
-_UNARY_RESPONSE = frozenset({"unary_unary", "stream_unary"})
 
 
 class _AioMultiCallable(MultiCallableBase):
     __slots__ = ()
+    _CALL: Any  # the call class: _AioUnaryCall or _AioStreamCall
 
     def __call__(self, request: Any = None, *, timeout: float | None = None,
                  metadata: Any = None, credentials: Any = None,
                  wait_for_ready: bool | None = None, compression: Any = None) -> Any:
-        started = perf_counter()
-        # tel.start() when tracing may be on; the shared no-op span, without a call, when off
-        span = (NOOP_CALL if _tstate.tracer is None and started < _tstate.next_check
-                else self._tel.start())
-        gen = start_call(self._dest, self._method, metadata, timeout, self._replayable,
-                         self._observer)
-        cls = _AioUnaryCall if self._kind in _UNARY_RESPONSE else _AioStreamCall
         extra = (_NO_EXTRA if credentials is None and wait_for_ready is None
                  and compression is None else (credentials, wait_for_ready, compression))
-        return cls(self, request, base_metadata(metadata, self._extra), gen, extra, span,
-                   started)
+        return self._CALL(self, request, metadata, timeout, extra)
 
 
-class UnaryUnary(_AioMultiCallable, grpc.aio.UnaryUnaryMultiCallable):
-    __slots__ = ()
+class _AioCallBase(CallDriver):
+    """Starting attempts and the accessors common to both call kinds: the I/O around the
+    :class:`CallDriver` it is."""
 
-
-class UnaryStream(_AioMultiCallable, grpc.aio.UnaryStreamMultiCallable):
-    __slots__ = ()
-
-
-class StreamUnary(_AioMultiCallable, grpc.aio.StreamUnaryMultiCallable):
-    __slots__ = ()
-
-
-class StreamStream(_AioMultiCallable, grpc.aio.StreamStreamMultiCallable):
-    __slots__ = ()
-
-
-class _AioCallBase:
-    """Starting attempts and the accessors common to both call kinds."""
-
-    __slots__ = ("_owner", "_request", "_md", "_gen", "_extra", "_span", "_started", "_aspan",
-                 "_deadline", "_n", "_t0", "_call", "_pending", "_done", "_value", "_exc",
+    __slots__ = ("_request", "_extra", "_call", "_pending", "_done", "_value", "_exc",
                  "_callbacks")
 
-    def __init__(self, owner: _AioMultiCallable, request: Any, md: Any, gen: CallGen,
-                 extra: tuple[Any, Any, Any], span: Any, started: float) -> None:
-        self._owner = owner
+    _AIO = True
+
+    def __init__(self, owner: _AioMultiCallable, request: Any, metadata: Any,
+                 timeout: float | None, extra: tuple[Any, Any, Any]) -> None:
+        CallDriver.__init__(self, owner, metadata, timeout)
         self._request = request
-        self._md = md
-        self._gen: CallGen | None = gen
         self._extra = extra
-        self._span = span
-        self._started = started
-        self._aspan: Any = None  # the attempt in flight (its span)
-        self._deadline: Any = None  # the call's overall deadline (from the plan)
-        self._n = 0
-        self._t0 = started
         self._call: Any = None
         self._pending: Sleep | None = None
         self._done = False
         self._value: Any = None
         self._exc: BaseException | None = None
         self._callbacks: list[Any] = []
-        try:
-            self._next(next(gen))
-        except StopIteration as stop:
-            self._end(stop.value)
+        self._act(self.advance(None))
 
-    def _next(self, action: Any) -> None:
-        if action.__class__ is Sleep:
+    def _act(self, action: Any) -> None:
+        """Act on the plan's ``action`` without waiting: note a sleep (run by whoever awaits
+        next), start the attempt, or end the call. Any failure aborts the call."""
+        cls = action.__class__
+        if cls is Sleep:
             self._pending = action
             return
-        ep = action.endpoint
-        owner = self._owner
-        mc = owner._mcs.get(ep.key) if owner._gen == owner._pool.generation else None
-        if mc is None:
-            mc = owner._mc(ep)
-        n = action.number
-        span = self._span
-        if span is NOOP_CALL:  # tracing off: no span calls, metadata as it is
-            aspan = NOOP_ATTEMPT
-            md = (self._md if n == 1 and not _tstate.passthrough
-                  else attempt_metadata(self._md, n, aspan))
-        else:
-            aspan = span.attempt(n, ep.address, ep.port)
-            md = attempt_metadata(self._md, n, aspan)
+        if cls is not Attempt:
+            self._end(action)
+            return
+        mc, md = self.start_attempt(action)
         extra = self._extra
-        self._aspan, self._n, self._t0 = aspan, n, perf_counter()
-        self._deadline = action.deadline
-        if extra is _NO_EXTRA:  # grpc.aio's defaults: fewer keywords to pass
-            self._call = mc(self._request, timeout=action.timeout, metadata=md)
-        else:
-            cred, wfr, comp = extra
-            self._call = mc(self._request, timeout=action.timeout, metadata=md,
-                            credentials=cred, wait_for_ready=wfr, compression=comp)
+        try:
+            if extra is _NO_EXTRA:  # grpc.aio's defaults: fewer keywords to pass
+                self._call = mc(self._request, timeout=action.timeout, metadata=md)
+            else:
+                cred, wfr, comp = extra
+                self._call = mc(self._request, timeout=action.timeout, metadata=md,
+                                credentials=cred, wait_for_ready=wfr, compression=comp)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     def _end(self, end: CallEnd) -> None:
-        self._gen = None
-        self._done = True
-        if end.result is OK_RESULT:  # _value already holds the response
-            self._owner._tel.ok_call.observe(perf_counter() - self._started)
-            if self._span is not NOOP_CALL:
-                self._span.end("OK", None)
-        else:
-            exc = end_error(end, self._owner._service, aio=True)
-            if exc is None:
-                self._value = end.result.value  # type: ignore[union-attr]
+        """The plan ended: record the call; the caller gets ``_value`` or ``_exc``."""
+        exc = self.finish(end)
+        if exc is not None:
             self._exc = exc
-            call_ended(self._owner._tel, self._span, self._started, end, exc)
+        self._done = True
         if self._callbacks:
             self._fire()
 
-    def _end_attempt(self, result: AttemptResult, code: Any = None) -> None:
-        aspan, self._aspan = self._aspan, None
-        if aspan is not None:
-            attempt_ended(self._owner._tel.recorder, aspan, self._n, result,
-                          perf_counter() - self._t0, code)
-
-    def _abort(self, exc: BaseException | None) -> None:
-        """The call ended without a status from the server: cancelled (``exc`` None) or
-        interrupted by ``exc`` (task cancellation, an error of the caller's)."""
-        if isinstance(exc, asyncio.CancelledError):
-            exc = None
-        aspan, self._aspan = self._aspan, None
-        tel = self._owner._tel
-        if aspan is not None:
-            attempt_aborted(tel.recorder, aspan, self._n, perf_counter() - self._t0, exc)
-        if exc is None:
-            dl = self._deadline
-            call_cancelled(tel, self._span, self._started,
-                           dl is not None and dl.expired(self._owner._dest.now()))
-        else:
-            call_ended(tel, self._span, self._started, None, exc)
+    def _fail(self, exc: BaseException | None) -> None:
+        """The call ends without a status (cancelled, or interrupted by ``exc``)."""
+        self.abort(exc)
+        if not self._done:
+            self._done = True
+            self._exc = exc if exc is not None else asyncio.CancelledError()
+            self._fire()
 
     def _fire(self) -> None:
         callbacks, self._callbacks = self._callbacks, []
@@ -197,20 +120,14 @@ class _AioCallBase:
         """Run a pending (fault-injection or backoff) sleep and start the attempt."""
         while self._pending is not None:
             p, self._pending = self._pending, None
-            await _sleep(p.seconds)
-            gen = self._gen
-            if gen is None:
-                return
             try:
-                self._next(gen.send(None))
-            except StopIteration as stop:
-                self._end(stop.value)
-
-    def _abandon(self, exc: BaseException | None = None) -> None:
-        gen, self._gen = self._gen, None
-        if gen is not None:
-            gen.close()
-            self._abort(exc)
+                await _sleep(p.seconds)
+                if self._gen is None:
+                    return
+                self._act(self.advance(None))
+            except BaseException as exc:
+                self._fail(exc)
+                raise
 
     # --- grpc.aio.Call / RpcContext -------------------------------------------------------
     def cancelled(self) -> bool:
@@ -280,50 +197,25 @@ class _AioUnaryCall(_AioCallBase):
         """Drive the plan to its end (a generator, as grpc.aio's own calls: no coroutine
         object per call)."""
         if not self._done:
-            gen = self._gen
-            assert gen is not None
             try:
-                while True:
-                    if self._pending is not None:
-                        p, self._pending = self._pending, None
+                while not self._done:
+                    p = self._pending
+                    if p is not None:
+                        self._pending = None
                         yield from _sleep(p.seconds).__await__()
-                        self._next(gen.send(None))
+                        if self._gen is None:  # cancelled while sleeping
+                            break
+                        self._act(self.advance(None))
                         continue
                     try:
-                        self._value = yield from self._call.__await__()
+                        value = yield from self._call.__await__()
                     except AioRpcError as err:
-                        result = result_from_error(err)
-                        self._end_attempt(result)
-                    else:  # _end_attempt(OK_RESULT) inlined: the hot path
-                        result = OK_RESULT
-                        aspan, self._aspan = self._aspan, None
-                        n = self._n
-                        tel = self._owner._tel
-                        if n == 1:
-                            tel.ok_attempt.observe(perf_counter() - self._t0)
-                        else:
-                            tel.recorder.attempt(n, _SUCCESS, perf_counter() - self._t0)
-                        if aspan is not NOOP_ATTEMPT:
-                            aspan.end("OK", None)
-                    self._next(gen.send(result))
-            except StopIteration as stop:
-                end = stop.value
-                if end.result is OK_RESULT and not self._callbacks:
-                    # _end(end) inlined: the hot path (_value holds the response)
-                    self._gen = None
-                    self._done = True
-                    self._owner._tel.ok_call.observe(perf_counter() - self._started)
-                    if self._span is not NOOP_CALL:
-                        self._span.end("OK", None)
-                    return self._value
-                self._end(end)
+                        self._act(self.failed(err))
+                    else:
+                        self._value = value
+                        self._act(self.ok())
             except BaseException as exc:
-                gen.close()  # frees the concurrency slot, the load count and any breaker trial
-                self._gen = None
-                self._done = True
-                self._exc = exc
-                self._abort(exc)
-                self._fire()
+                self._fail(exc)
                 raise
         if self._exc is not None:
             raise self._exc
@@ -349,10 +241,7 @@ class _AioUnaryCall(_AioCallBase):
         if call is not None and not call.done():
             # the awaiting task sees CancelledError from the attempt and closes the plan
             return bool(call.cancel())
-        self._abandon()
-        self._done = True
-        self._exc = asyncio.CancelledError()
-        self._fire()
+        self._fail(None)
         return True
 
 
@@ -361,16 +250,21 @@ class _AioStreamCall(_AioCallBase):
 
     __slots__ = ("_committed", "_buffer")
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, owner: _AioMultiCallable, request: Any, metadata: Any,
+                 timeout: float | None, extra: tuple[Any, Any, Any]) -> None:
         self._committed = False
         self._buffer: list[Any] = []
-        super().__init__(*args)
-        if not self._owner._replayable and self._call is not None:
+        _AioCallBase.__init__(self, owner, request, metadata, timeout, extra)
+        if not owner._replayable and self._call is not None:
             self._commit()
 
     def _end(self, end: CallEnd) -> None:
         self._committed = True
-        super()._end(end)
+        _AioCallBase._end(self, end)
+
+    def _fail(self, exc: BaseException | None) -> None:
+        self._committed = True  # an interrupted stream is over
+        _AioCallBase._fail(self, exc)
 
     def _commit(self) -> None:
         self._committed = True
@@ -381,45 +275,38 @@ class _AioStreamCall(_AioCallBase):
             asyncio.get_running_loop().create_task(self._report(call))
 
     async def _report(self, call: Any) -> None:
-        gen, self._gen = self._gen, None
-        if gen is None:
-            return
         try:
             code = await call.code()
         except BaseException:
             code = grpc.StatusCode.CANCELLED
-        settle_stream(self, gen, code, call)
-        self._done = True
-        self._fire()
+        if self.settle_stream(code, call):
+            self._done = True
+            self._fire()
 
     async def _drive(self) -> None:
-        while not self._committed:
-            await self._ensure_started()
-            if self._committed:
-                return
-            try:
-                msg = await self._call.read()
-                if msg is not _EOF:
-                    self._buffer.append(msg)
-            except AioRpcError as err:
-                result = result_from_error(err)
-                if result.grpc_code is None:  # headers had arrived: committed
-                    self._exc = err
-                    break
-                gen = self._gen
-                assert gen is not None
-                self._end_attempt(result)
-                try:
-                    self._next(gen.send(result))
-                except StopIteration as stop:
-                    self._end(stop.value)
+        """Until committed: read the first message, retrying uncommitted failures."""
+        try:
+            while not self._committed:
+                await self._ensure_started()
+                if self._committed:
                     return
-                continue
-            except BaseException as exc:
-                self._abandon(exc)
-                raise
-            break
-        self._commit()
+                try:
+                    msg = await self._call.read()
+                    if msg is not _EOF:
+                        self._buffer.append(msg)
+                except AioRpcError as err:
+                    result = result_from_error(err)
+                    if result.grpc_code is None:  # headers had arrived: committed
+                        self._exc = err
+                        break
+                    self._act(self.ended(result))
+                    continue
+                break
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        if self._gen is not None:
+            self._commit()
 
     async def read(self) -> Any:
         if not self._committed:
@@ -458,8 +345,8 @@ class _AioStreamCall(_AioCallBase):
     def cancel(self) -> bool:
         call = self._call
         if not self._committed:
-            self._abandon()
             self._committed = True
+            self.abort(None)
             self._done = True
             if call is not None:
                 return bool(call.cancel())
@@ -467,6 +354,26 @@ class _AioStreamCall(_AioCallBase):
             self._fire()
             return True
         return call is not None and bool(call.cancel())
+
+
+class UnaryUnary(_AioMultiCallable, grpc.aio.UnaryUnaryMultiCallable):
+    __slots__ = ()
+    _CALL = _AioUnaryCall
+
+
+class UnaryStream(_AioMultiCallable, grpc.aio.UnaryStreamMultiCallable):
+    __slots__ = ()
+    _CALL = _AioStreamCall
+
+
+class StreamUnary(_AioMultiCallable, grpc.aio.StreamUnaryMultiCallable):
+    __slots__ = ()
+    _CALL = _AioUnaryCall
+
+
+class StreamStream(_AioMultiCallable, grpc.aio.StreamStreamMultiCallable):
+    __slots__ = ()
+    _CALL = _AioStreamCall
 
 
 class AioMeshChannel(MeshChannelBase, grpc.aio.Channel):

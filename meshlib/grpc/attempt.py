@@ -1,13 +1,13 @@
-"""What the sync and asyncio gRPC channels share: everything but the I/O calls.
+"""The gRPC rules of a call: its arguments -> the plan's inputs, an attempt's end -> a result.
 
-The call plan (``meshlib.core.call.run_call``, ``grpc=True``) decides; this module turns a
-call's arguments into the plan's inputs and an attempt's end into an ``AttemptResult``:
+The call plan (``meshlib.core.call.run_call``, ``grpc=True``) decides; the call driver
+(:mod:`meshlib.grpc.driver`) runs it; this module holds the gRPC-specific pieces both use:
 
 * Routing: gRPC is HTTP/2 ``POST /package.Service/Method`` (gRPC over HTTP/2 spec), so
   routes see ``path`` = the full method name (``match.path_prefix: /pkg.Orders/`` works) and
   ``match.headers`` look at the call's metadata.
 * Deadline: the call's ``timeout`` (or the deadline inherited from the request being served,
-  ``meshlib.http.attempt.current_deadline``) combined with ``policy.timeout``; the earlier wins
+  :data:`meshlib.context.current_deadline`) combined with ``policy.timeout``; the earlier wins
   and bounds every attempt, which grpcio sends as ``grpc-timeout``.
 * Retry eligibility (gRPC A6 "Retry Policy", "When Retries are Valid"): an attempt whose
   server already sent response headers is *committed* and never retried. grpcio does not say
@@ -22,33 +22,31 @@ Telemetry (the same recorders and spans as the HTTP transports, ``meshlib.http.a
 :class:`RpcTelemetry` resolves, once per multicallable, the destination's
 ``RpcClientRecorder`` (also the plan's observer: retries, refused retries, breaker and
 ejection events), the method's ``RpcMethodRecorder`` and the span names
-(``split_full_method``). Per call the drivers open a call span (``start_rpc_call``), per
-attempt a CLIENT span whose context is injected into that attempt's metadata, and close both
-with :func:`attempt_ended` / :func:`call_ended`: the attempt series by outcome, the call
-duration by the gRPC code name, and, for mesh failures (``MeshRpcError.reason``), the reason
-as ``error_type`` with the code it maps to. As in gRFC A66, a call the application cancels
-is recorded too (``CANCELLED``).
+(``split_full_method``). Per call the driver opens a call span (``start_rpc_call``), per
+attempt a CLIENT span whose context is injected into that attempt's metadata, and closes
+both (``CallDriver.end_attempt`` / ``ok`` / ``finish`` / ``abort`` / ``settle_stream``): the
+attempt series by outcome, the call duration by the gRPC code name, and, for mesh failures
+(``MeshRpcError.reason``), the reason as ``error_type`` with the code it maps to. As in gRFC
+A66, a call the application cancels is recorded too (``CANCELLED``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from time import perf_counter
 from typing import Any
 
 import grpc
 
+from meshlib.context import current_deadline
 from meshlib.core.call import AttemptResult, CallEnd, CallGen, CallObserver, FailureKind, run_call
 from meshlib.core.deadline import Deadline
 from meshlib.core.destination import DestinationState
 from meshlib.core.outcome import GRPC_TO_HTTP, Outcome, classify_grpc
 from meshlib.core.retry import PUSHBACK_HEADER, parse_pushback_ms
 from meshlib.grpc.errors import code_from_name, mesh_error
-from meshlib.http.attempt import current_deadline
-from meshlib.telemetry.recorders import error_type_of, split_full_method
-from meshlib.telemetry.tracing import NOOP_ATTEMPT, start_rpc_call
-from meshlib.telemetry.tracing import state as tracing_state
+from meshlib.telemetry.recorders import split_full_method
+from meshlib.telemetry.tracing import NOOP_CALL, start_rpc_call
 
 CALLER_KEY = "x-mesh-caller"
 PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
@@ -59,10 +57,6 @@ _INFO: dict[grpc.StatusCode, tuple[str, Outcome, int]] = {
     c: (c.name, classify_grpc(c.name), GRPC_TO_HTTP.get(c.name, 500)) for c in grpc.StatusCode
 }
 _UNKNOWN = _INFO[grpc.StatusCode.UNKNOWN]
-
-
-def ok_result(value: Any) -> AttemptResult:
-    return AttemptResult(_SUCCESS, 200, value, grpc_code="OK")
 
 
 #: The result of every successful unary attempt. Shared and never mutated: the drivers keep
@@ -229,9 +223,9 @@ class _NullRecorder:
 class RpcTelemetry:
     """What one multicallable records through, resolved once at its creation.
 
-    ``ok_attempt`` and ``ok_call`` are the series of the common case (a first attempt that
-    succeeds, a call that ends OK), observed directly by the drivers; ``start()`` opens the
-    call span (a shared no-op when tracing is off)."""
+    ``ok_attempt`` is the series of the common attempt (a first one that succeeds), observed
+    directly by the driver; :meth:`ok` records a call that ended OK (the one OK path);
+    ``start()`` opens the call span (a shared no-op when tracing is off)."""
 
     __slots__ = ("method", "recorder", "rpc_method", "rpc_service", "service", "start",
                  "ok_attempt", "ok_call")
@@ -248,22 +242,15 @@ class RpcTelemetry:
         self.start: Callable[[], Any] = functools.partial(
             start_rpc_call, service, self.rpc_service, self.rpc_method)
 
-
-def attempt_metadata(md: Any, number: int, aspan: Any) -> Any:
-    """The metadata of attempt ``number``: the call's, ``grpc-previous-rpc-attempts`` on a
-    retry, and the attempt span's trace context (``traceparent``; nothing when tracing is
-    off). A new list when something is added; the call's own metadata (any sequence, or
-    None) when nothing is, as grpcio accepts."""
-    if aspan is NOOP_ATTEMPT and not tracing_state.passthrough:  # nothing to inject
-        return md if number == 1 else retry_metadata(md, number)  # type: ignore[no-any-return]
-    if number != 1:
-        md = retry_metadata(md, number)
-    out = list(md) if md else []
-    aspan.inject(out, False)
-    return out or None
+    def ok(self, span: Any, seconds: float) -> None:
+        """A call ended OK after ``seconds``: its series (``method.call("OK", None, ...)``)
+        and its span."""
+        self.ok_call.observe(seconds)
+        if span is not NOOP_CALL:
+            span.end("OK", None)
 
 
-def _code_of(value: Any) -> Any:
+def code_of(value: Any) -> Any:
     """The status of a finished call or error (``RpcError.code()`` is synchronous for sync
     and aio errors alike; an aio call object's is a coroutine, so it is never asked)."""
     if not isinstance(value, grpc.RpcError):
@@ -272,92 +259,3 @@ def _code_of(value: Any) -> Any:
         return value.code()
     except Exception:  # an error object that cannot tell (not expected from grpcio)
         return None
-
-
-def attempt_ended(recorder: Any, aspan: Any, number: int, result: AttemptResult,
-                  seconds: float, code: Any = None) -> None:
-    """Attempt ``number`` ended with ``result`` (status ``code`` when the caller knows it):
-    its series and its span."""
-    recorder.attempt(number, result.outcome, seconds)
-    if code is None:
-        code = result.grpc_code
-        if code is None:
-            code = _code_of(result.value)
-    aspan.end(code, None)
-
-
-def attempt_aborted(recorder: Any, aspan: Any, number: int, seconds: float,
-                    exc: BaseException | None) -> None:
-    """Attempt ``number`` was cancelled or interrupted by the caller (``exc``)."""
-    recorder.attempt(number, Outcome.LOCAL, seconds)
-    aspan.end(grpc.StatusCode.CANCELLED, None if exc is None else error_type_of(exc))
-
-
-_NO_USABLE_ENDPOINT = frozenset({FailureKind.NO_ENDPOINTS, FailureKind.CIRCUIT_OPEN})
-
-
-def call_ended(tel: RpcTelemetry, span: Any, started: float, end: CallEnd | None,
-               exc: BaseException | None) -> None:
-    """Record the logical call: ``exc`` is what the caller gets (None: a response);
-    ``end`` is the plan's end (None when the call was cancelled or interrupted)."""
-    seconds = perf_counter() - started
-    if exc is None:
-        tel.method.call("OK", None, seconds)
-        span.end("OK", None)
-        return
-    reason = getattr(exc, "reason", None)
-    if end is not None and end.failure is not None:
-        if end.failure in _NO_USABLE_ENDPOINT:
-            tel.recorder.no_endpoints()
-        elif end.failure == FailureKind.CONCURRENCY:
-            tel.recorder.concurrency_rejected()
-    if isinstance(exc, grpc.RpcError):
-        status = _code_of(exc)
-        etype = reason or None
-    else:  # cancelled or interrupted: no status from the server
-        status = grpc.StatusCode.CANCELLED
-        etype = error_type_of(exc)
-    tel.method.call(status, etype, seconds)
-    span.end(status, etype)
-
-
-def call_cancelled(tel: RpcTelemetry, span: Any, started: float,
-                   deadline_passed: bool = False) -> None:
-    """The application cancelled the call (``call.cancel()``). When the call's deadline had
-    already passed, the cancellation is the deadline's doing (e.g. an inbound middleware
-    cancelling its handler at the same deadline): recorded as DEADLINE_EXCEEDED."""
-    seconds = perf_counter() - started
-    if deadline_passed:
-        tel.method.call(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded", seconds)
-        span.end(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded")
-        return
-    tel.method.call(grpc.StatusCode.CANCELLED, None, seconds)
-    span.end(grpc.StatusCode.CANCELLED, None)
-
-
-def stream_ended(tel: RpcTelemetry, span: Any, started: float, code: Any) -> None:
-    """A committed stream finished with status ``code`` (a ``grpc.StatusCode``)."""
-    seconds = perf_counter() - started
-    if code is grpc.StatusCode.OK:
-        tel.method.call("OK", None, seconds)
-        span.end("OK", None)
-        return
-    if code is None:
-        code = grpc.StatusCode.UNKNOWN
-    tel.method.call(code, None, seconds)
-    span.end(code, None)
-
-
-def settle_stream(call_obj: Any, gen: CallGen, code: Any, call: Any) -> None:
-    """A committed stream call finished with ``code``: end its attempt, let the plan record
-    the result (health, load), close the plan and record the logical call. ``call_obj`` is
-    the sync or aio stream call (``_end_attempt``, ``_owner``, ``_span``, ``_started``)."""
-    result = result_from_code(code, call)
-    call_obj._end_attempt(result, code)
-    try:
-        gen.send(result)
-    except StopIteration:
-        pass
-    finally:
-        gen.close()
-        stream_ended(call_obj._owner._tel, call_obj._span, call_obj._started, code)

@@ -22,6 +22,10 @@ Call shapes (gRPC A6 "When Retries are Valid"):
 Streams report their end to the plan from grpcio's done callback, so a stream abandoned by
 its caller still frees its concurrency slot and load count when grpcio ends it.
 
+Each call shape here (blocking, future, stream) only waits: what happens between the waits
+(attempt start, classification, telemetry, the plan's next step, the call's end) is
+:class:`meshlib.grpc.driver.CallDriver`, shared with the aio channel.
+
 Telemetry mirrors the HTTP transports (``meshlib.grpc.attempt``, "Telemetry"): one call span
 and one ``rpc_client_call_duration_seconds`` observation per logical call (for a stream, when
 it finishes), one CLIENT span and one attempt observation per attempt as it ends; the
@@ -33,33 +37,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from time import perf_counter
 from typing import Any
 
 import grpc
 
-from meshlib.core.call import AttemptResult, CallEnd, CallGen, Sleep
+from meshlib.core.call import Attempt, AttemptResult, Sleep
 from meshlib.core.outcome import Outcome
-from meshlib.grpc.attempt import (
-    OK_RESULT,
-    attempt_aborted,
-    attempt_ended,
-    attempt_metadata,
-    base_metadata,
-    call_cancelled,
-    call_ended,
-    end_error,
-    ok_result,
-    result_from_error,
-    settle_stream,
-    start_call,
-)
+from meshlib.grpc.attempt import OK_RESULT, result_from_error
 from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
-from meshlib.telemetry.tracing import NOOP_ATTEMPT, NOOP_CALL
-from meshlib.telemetry.tracing import state as _tstate
+from meshlib.grpc.driver import CallDriver
 
 _sleep = time.sleep
-_SUCCESS = Outcome.SUCCESS
 
 
 # --------------------------------------------------------------------------- unary response
@@ -77,89 +65,45 @@ class _UnaryResponse(MultiCallableBase):
     def future(self, request: Any, timeout: float | None = None, metadata: Any = None,
                credentials: Any = None, wait_for_ready: bool | None = None,
                compression: Any = None) -> _UnaryFuture:
-        started = perf_counter()
-        span = self._tel.start()
-        gen = self._start(metadata, timeout)
-        return _UnaryFuture(self, request, base_metadata(metadata, self._extra), gen,
-                            (credentials, wait_for_ready, compression), span, started)
+        return _UnaryFuture(self, request, metadata, timeout,
+                            (credentials, wait_for_ready, compression))
 
     def _blocking(self, request: Any, timeout: float | None = None, metadata: Any = None,
                   credentials: Any = None, wait_for_ready: bool | None = None,
                   compression: Any = None, with_call: bool = False) -> Any:
         """``__call__`` (``with_call`` False: the response) and ``with_call`` (True: the
-        response and the call); one frame for the common blocking call."""
-        started = perf_counter()
-        tel = self._tel
-        # tel.start() when tracing may be on; the shared no-op span, without a call, when off
-        span = (NOOP_CALL if _tstate.tracer is None and started < _tstate.next_check
-                else tel.start())
-        recorder = tel.recorder
-        gen = start_call(self._dest, self._method, metadata, timeout, self._replayable,
-                         self._observer)
-        md = base_metadata(metadata, self._extra)
+        response and the call): the call's I/O around one :class:`CallDriver`."""
+        drv = CallDriver(self, metadata, timeout)
         resp = None
-        action: Any
-        aspan: Any = None
-        t0 = started
-        n = 0
         try:
-            action = next(gen)
+            action = drv.advance(None)
             while True:
-                if action.__class__ is Sleep:
-                    _sleep(action.seconds)
-                    action = gen.send(None)
-                    continue
-                ep = action.endpoint
-                mc = self._mcs.get(ep.key) if self._gen == self._pool.generation else None
-                if mc is None:
-                    mc = self._mc(ep)
-                n = action.number
-                if span is NOOP_CALL:  # tracing off: no span calls, metadata as it is
-                    aspan = NOOP_ATTEMPT
-                    amd = (md if n == 1 and not _tstate.passthrough
-                           else attempt_metadata(md, n, aspan))
+                cls = action.__class__
+                if cls is Attempt:
+                    mc, md = drv.start_attempt(action)  # type: ignore[arg-type]
+                    try:
+                        if with_call:
+                            resp = mc.with_call(request, action.timeout, md,  # type: ignore[union-attr]
+                                                credentials, wait_for_ready, compression)
+                        else:
+                            resp = mc(request, action.timeout, md,  # type: ignore[union-attr]
+                                      credentials, wait_for_ready, compression)
+                    except grpc.RpcError as err:
+                        action = drv.failed(err)
+                    else:
+                        action = drv.ok()
+                elif cls is Sleep:
+                    _sleep(action.seconds)  # type: ignore[union-attr]
+                    action = drv.advance(None)
                 else:
-                    aspan = span.attempt(n, ep.address, ep.port)
-                    amd = attempt_metadata(md, n, aspan)
-                t0 = perf_counter()
-                try:
-                    if with_call:
-                        resp = mc.with_call(request, action.timeout, amd,
-                                            credentials, wait_for_ready, compression)
-                    else:
-                        resp = mc(request, action.timeout, amd,
-                                  credentials, wait_for_ready, compression)
-                except grpc.RpcError as err:
-                    result = result_from_error(err)
-                    attempt_ended(recorder, aspan, n, result, perf_counter() - t0)
-                else:  # attempt_ended(..., OK_RESULT, ...) inlined: the hot path
-                    result = OK_RESULT
-                    if n == 1:
-                        tel.ok_attempt.observe(perf_counter() - t0)
-                    else:
-                        recorder.attempt(n, _SUCCESS, perf_counter() - t0)
-                    if aspan is not NOOP_ATTEMPT:
-                        aspan.end("OK", None)
-                aspan = None
-                action = gen.send(result)
-        except StopIteration as stop:
-            end: CallEnd = stop.value
+                    break
         except BaseException as exc:
-            gen.close()  # frees the concurrency slot, the load count and any breaker trial
-            if aspan is not None:
-                attempt_aborted(recorder, aspan, n, perf_counter() - t0, exc)
-            call_ended(tel, span, started, None, exc)
+            drv.abort(exc)
             raise
-        if end.result is OK_RESULT:
-            tel.ok_call.observe(perf_counter() - started)  # call_ended(..., None)
-            if span is not NOOP_CALL:
-                span.end("OK", None)
-            return resp
-        error = end_error(end, self._service, aio=False)
-        call_ended(tel, span, started, end, error)
+        error = drv.finish(action)  # type: ignore[arg-type]
         if error is not None:
             raise error
-        return end.result.value  # type: ignore[union-attr]
+        return resp
 
     __call__ = _blocking
 
@@ -175,24 +119,17 @@ class StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):
 _RUNNING, _FINISHED, _CANCELLED = 0, 1, 2
 
 
-class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
-    """``multicallable.future()``: the plan driven by grpcio completion callbacks.
+class _UnaryFuture(CallDriver, grpc.Future, grpc.Call):  # type: ignore[misc]
+    """``multicallable.future()``: the driver stepped by grpcio completion callbacks.
 
     ``_lock`` (reentrant: grpcio may run a done callback inline) serialises every use of the
-    plan generator; it is never held while waiting for I/O."""
+    driver; it is never held while waiting for I/O."""
 
-    def __init__(self, owner: _UnaryResponse, request: Any, md: Any, gen: CallGen,
-                 extra: tuple[Any, Any, Any], span: Any, started: float) -> None:
-        self._owner = owner
+    def __init__(self, owner: _UnaryResponse, request: Any, metadata: Any,
+                 timeout: float | None, extra: tuple[Any, Any, Any]) -> None:
+        CallDriver.__init__(self, owner, metadata, timeout)
         self._request = request
-        self._md = md
-        self._gen = gen
         self._extra = extra
-        self._span = span
-        self._started = started
-        self._aspan: Any = None  # the attempt in flight (its span), guarded by _lock
-        self._n = 0
-        self._t0 = started
         self._lock = threading.RLock()
         self._cond = threading.Condition(threading.Lock())
         self._state = _RUNNING
@@ -201,72 +138,57 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
         self._value: Any = None
         self._exc: BaseException | None = None
         self._callbacks: list[Any] = []
-        self._step(None, True)
+        self._step(None)
 
     # --- driving ----------------------------------------------------------------------
-    def _step(self, result: AttemptResult | None, first: bool = False) -> None:
+    def _step(self, result: AttemptResult | None, value: Any = None, fut: Any = None) -> None:
+        """Send the plan ``result`` of attempt ``fut`` (None: start, or after a backoff) and
+        start what it asks next. ``value``: the response of an attempt that succeeded."""
         with self._lock:
-            if self._state != _RUNNING:
+            if self._state != _RUNNING or fut is not self._attempt:
                 return
-            gen = self._gen
             try:
-                action = next(gen) if first else gen.send(result)
-                if action.__class__ is Sleep:
-                    self._timer = threading.Timer(action.seconds, self._step, (None,))
+                if result is None:
+                    action = self.advance(None)
+                elif result is OK_RESULT:
+                    self._value = value
+                    action = self.ok()
+                else:
+                    action = self.ended(result)
+                cls = action.__class__
+                if cls is Sleep:
+                    self._timer = threading.Timer(action.seconds, self._step,  # type: ignore[union-attr]
+                                                  (None, None, self._attempt))
                     self._timer.daemon = True
                     self._timer.start()
                     return
-                ep = action.endpoint  # type: ignore[union-attr]
-                mc = self._owner._mc(ep)
-                n = action.number  # type: ignore[union-attr]
-                aspan = self._span.attempt(n, ep.address, ep.port)
-                md = attempt_metadata(self._md, n, aspan)
+                if cls is not Attempt:
+                    self._complete(self.finish(action))  # type: ignore[arg-type]
+                    return
+                mc, md = self.start_attempt(action)  # type: ignore[arg-type]
                 cred, wfr, comp = self._extra
-                self._aspan, self._n, self._t0 = aspan, n, perf_counter()
                 fut = mc.future(self._request, action.timeout, md, cred, wfr, comp)  # type: ignore[union-attr]
                 self._attempt = fut
-            except StopIteration as stop:
-                self._finish(stop.value, None)
-                return
             except BaseException as exc:
-                gen.close()
-                self._end_attempt(None, exc)
-                self._finish(None, exc)
+                self.abort(exc)
+                self._complete(exc)
                 return
         fut.add_done_callback(self._on_attempt)
-
-    def _end_attempt(self, result: AttemptResult | None, exc: BaseException | None) -> None:
-        """Record the attempt in flight (if any) as ended with ``result`` (None: aborted)."""
-        aspan, self._aspan = self._aspan, None
-        if aspan is None:
-            return
-        rec = self._owner._tel.recorder  # type: ignore[union-attr]
-        if result is None:
-            attempt_aborted(rec, aspan, self._n, perf_counter() - self._t0, exc)
-        else:
-            attempt_ended(rec, aspan, self._n, result, perf_counter() - self._t0)
 
     def _on_attempt(self, fut: Any) -> None:
         if self._state != _RUNNING or fut is not self._attempt:
             return
+        value = None
         try:
-            result = ok_result(fut.result())
+            value = fut.result()
+            result = OK_RESULT
         except grpc.RpcError as err:
             result = result_from_error(err)
         except grpc.FutureCancelledError:
             result = AttemptResult(Outcome.LOCAL, 499, None)
-        with self._lock:
-            if self._state != _RUNNING or fut is not self._attempt:
-                return
-            self._end_attempt(result, None)
-        self._step(result)
+        self._step(result, value, fut)
 
-    def _finish(self, end: CallEnd | None, exc: BaseException | None) -> None:
-        if end is not None:
-            exc = end_error(end, self._owner._service, aio=False)
-            if exc is None:
-                self._value = end.result.value  # type: ignore[union-attr]
-        call_ended(self._owner._tel, self._span, self._started, end, exc)  # type: ignore[union-attr]
+    def _complete(self, exc: BaseException | None) -> None:
         self._exc = exc
         with self._cond:
             self._state = _FINISHED
@@ -288,9 +210,7 @@ class _UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
                 self._timer.cancel()
             if self._attempt is not None:
                 self._attempt.cancel()
-            self._gen.close()
-            self._end_attempt(None, None)
-            call_cancelled(self._owner._tel, self._span, self._started)  # type: ignore[union-attr]
+            self.abort(None)
         for cb in callbacks:
             cb(self)
         return True
@@ -382,11 +302,8 @@ class _StreamResponse(MultiCallableBase):
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None,
                  credentials: Any = None, wait_for_ready: bool | None = None,
                  compression: Any = None) -> _StreamCall:
-        started = perf_counter()
-        span = self._tel.start()
-        gen = self._start(metadata, timeout)
-        return _StreamCall(self, request, base_metadata(metadata, self._extra), gen,
-                           (credentials, wait_for_ready, compression), span, started)
+        return _StreamCall(self, request, metadata, timeout,
+                           (credentials, wait_for_ready, compression))
 
 
 class UnaryStream(_StreamResponse, grpc.UnaryStreamMultiCallable):
@@ -397,92 +314,59 @@ class StreamStream(_StreamResponse, grpc.StreamStreamMultiCallable):
     __slots__ = ()
 
 
-class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
+class _StreamCall(CallDriver, grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
     """A response stream: an iterator, a ``grpc.Call`` and a ``grpc.Future`` like grpcio's.
 
     Before it commits, the caller's thread drives the plan (read the first message; on an
     uncommitted retryable error, retry). From the commit on, the plan is finished by the
-    committed attempt's done callback, exactly once."""
+    committed attempt's done callback, exactly once (``_take`` under ``_lock``: the callback
+    thread and a caller's ``cancel()`` may race)."""
 
-    def __init__(self, owner: _StreamResponse, request: Any, md: Any, gen: CallGen,
-                 extra: tuple[Any, Any, Any], span: Any, started: float) -> None:
-        self._owner = owner
+    def __init__(self, owner: _StreamResponse, request: Any, metadata: Any,
+                 timeout: float | None, extra: tuple[Any, Any, Any]) -> None:
+        CallDriver.__init__(self, owner, metadata, timeout)
         self._request = request
-        self._md = md
-        self._gen: CallGen | None = gen
         self._extra = extra
         self._call: Any = None
         self._committed = False
         self._buffer: list[Any] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._span = span
-        self._started = started
-        self._aspan: Any = None  # the attempt in flight (its span)
-        self._n = 0
-        self._t0 = started
         try:
-            self._advance(next(gen))
-        except StopIteration as stop:
-            self._end(stop.value)
+            self._run(self.advance(None))
         except BaseException as exc:
-            gen.close()
-            self._abort(exc)
+            self.abort(exc)
             raise
         if not owner._replayable and self._call is not None:
             self._commit()  # a request stream is never replayed: one attempt
 
-    def _advance(self, action: Any) -> None:
+    def _take(self) -> Any:
+        with self._lock:
+            return CallDriver._take(self)
+
+    def _run(self, action: Any) -> None:
+        """Act on the plan's ``action``: sleep, start the attempt, or end the call."""
         while action.__class__ is Sleep:
             _sleep(action.seconds)
-            action = self._gen.send(None)  # type: ignore[union-attr]
-        ep = action.endpoint
-        mc = self._owner._mc(ep)
-        n = action.number
-        aspan = self._span.attempt(n, ep.address, ep.port)
-        md = attempt_metadata(self._md, n, aspan)
+            action = self.advance(None)
+        if action.__class__ is not Attempt:
+            self._committed = True
+            self._error = self.finish(action)
+            return
+        mc, md = self.start_attempt(action)
         cred, wfr, comp = self._extra
-        self._aspan, self._n, self._t0 = aspan, n, perf_counter()
         self._call = mc(self._request, action.timeout, md, cred, wfr, comp)
-
-    def _end(self, end: CallEnd) -> None:
-        self._gen = None
-        self._committed = True
-        self._error = end_error(end, self._owner._service, aio=False)
-        call_ended(self._owner._tel, self._span, self._started, end, self._error)
-
-    def _end_attempt(self, result: AttemptResult, code: Any = None) -> None:
-        aspan, self._aspan = self._aspan, None
-        if aspan is not None:
-            attempt_ended(self._owner._tel.recorder, aspan, self._n, result,
-                          perf_counter() - self._t0, code)
-
-    def _abort(self, exc: BaseException | None) -> None:
-        """The call ended without a status from the server: cancelled (``exc`` None) or
-        interrupted by ``exc``."""
-        aspan, self._aspan = self._aspan, None
-        tel = self._owner._tel
-        if aspan is not None:
-            attempt_aborted(tel.recorder, aspan, self._n, perf_counter() - self._t0, exc)
-        if exc is None:
-            call_cancelled(tel, self._span, self._started)
-        else:
-            call_ended(tel, self._span, self._started, None, exc)
 
     def _commit(self) -> None:
         self._committed = True
         self._call.add_done_callback(self._on_done)
 
     def _on_done(self, call: Any) -> None:
-        with self._lock:
-            gen, self._gen = self._gen, None
-        if gen is None:
-            return
         try:
             code = call.code()
         except Exception:  # pragma: no cover - defensive: grpcio always has a code when done
             code = None
-        settle_stream(self, gen, code, call)
+        self.settle_stream(code, call)
 
     def _drive(self) -> None:
         """Until committed: read the first message, retrying uncommitted failures."""
@@ -496,21 +380,15 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
                 result = result_from_error(err)
                 if result.grpc_code is None:  # headers had arrived: committed
                     break
-                gen = self._gen
-                assert gen is not None
-                self._end_attempt(result)
                 try:
-                    self._advance(gen.send(result))
-                except StopIteration as stop:
-                    self._end(stop.value)
-                    return
+                    self._run(self.ended(result))
                 except BaseException as exc:
-                    gen.close()
-                    self._abort(exc)
+                    self.abort(exc)
                     raise
                 continue
             break
-        self._commit()
+        if self._error is None:
+            self._commit()
 
     # --- iterator -----------------------------------------------------------------------
     def __iter__(self) -> _StreamCall:
@@ -560,13 +438,9 @@ class _StreamCall(grpc.Call, grpc.Future, Iterator[Any]):  # type: ignore[misc]
         if self._error is not None or call is None:
             return False
         if not self._committed:
-            with self._lock:
-                gen, self._gen = self._gen, None
             cancelled = call.cancel()
             self._committed = True
-            if gen is not None:
-                gen.close()
-                self._abort(None)
+            self.abort(None)
             return bool(cancelled)
         return bool(call.cancel())
 

@@ -161,12 +161,42 @@ class _Call:
         self.span.end(code, error)
 
 
+#: The four behaviour fields of a ``grpc.RpcMethodHandler`` (exactly one is set), and
+#: whether its response is a stream.
+_BEHAVIOURS: tuple[tuple[str, bool], ...] = (
+    ("unary_unary", False), ("stream_unary", False),
+    ("unary_stream", True), ("stream_stream", True),
+)
+
+
 class _Interceptor:
+    """What the sync and aio interceptors share: settings and the handler dispatch.
+
+    Subclasses give the wrappers of their flavour (``_unary_response``, ``_stream_response``:
+    ``(call, behaviour) -> behaviour``)."""
+
+    _unary_response: Callable[[_Call, Callable[..., Any]], Callable[..., Any]]
+    _stream_response: Callable[[_Call, Callable[..., Any]], Callable[..., Any]]
+
     def __init__(self, mesh: MeshPort | None, service: str | None, metrics: MeshMetrics | None,
                  where: str) -> None:
         self.service = resolve_service(mesh, service, where)
         self.gate = AccessGate(mesh, self.service)
         self.recorder = RpcServerRecorder.get(metrics)
+
+    def _wrap(self, handler: Any, handler_call_details: Any) -> Any:
+        """``handler`` (None: a method the server does not implement) with its behaviour
+        wrapped for one RPC."""
+        if handler is None:
+            return None
+        for field, streaming in _BEHAVIOURS:
+            behaviour = getattr(handler, field)
+            if behaviour is not None:
+                call = _Call(self, handler_call_details.method,
+                             handler_call_details.invocation_metadata)
+                wrap = self._stream_response if streaming else self._unary_response
+                return handler._replace(**{field: wrap(call, behaviour)})
+        return handler
 
 
 # --------------------------------------------------------------------------- sync
@@ -255,23 +285,12 @@ class MeshServerInterceptor(_Interceptor, grpc.ServerInterceptor):  # type: igno
                  metrics: MeshMetrics | None = None) -> None:
         super().__init__(mesh, service, metrics, "MeshServerInterceptor")
 
+    _unary_response = staticmethod(_sync_unary_response)
+    _stream_response = staticmethod(_sync_stream_response)
+
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        call = _Call(self, handler_call_details.method, handler_call_details.invocation_metadata)
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_sync_unary_response(call, handler.unary_unary))
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=_sync_unary_response(call, handler.stream_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_sync_stream_response(call, handler.unary_stream))
-        if handler.stream_stream is not None:
-            return handler._replace(
-                stream_stream=_sync_stream_response(call, handler.stream_stream)
-            )
-        return handler
+        return self._wrap(continuation(handler_call_details), handler_call_details)
 
 
 # --------------------------------------------------------------------------- aio
@@ -341,20 +360,9 @@ class AioMeshServerInterceptor(_Interceptor, grpc.aio.ServerInterceptor):  # typ
                  metrics: MeshMetrics | None = None) -> None:
         super().__init__(mesh, service, metrics, "AioMeshServerInterceptor")
 
+    _unary_response = staticmethod(_aio_unary_response)
+    _stream_response = staticmethod(_aio_stream_response)
+
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: Any) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        call = _Call(self, handler_call_details.method, handler_call_details.invocation_metadata)
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_aio_unary_response(call, handler.unary_unary))
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=_aio_unary_response(call, handler.stream_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_aio_stream_response(call, handler.unary_stream))
-        if handler.stream_stream is not None:
-            return handler._replace(
-                stream_stream=_aio_stream_response(call, handler.stream_stream)
-            )
-        return handler
+        return self._wrap(await continuation(handler_call_details), handler_call_details)

@@ -74,6 +74,13 @@ class _State:
         self.next_check = 0.0
         self.passthrough = False
 
+    def off(self, now: float) -> bool:
+        """True when tracing is known to be off at ``now`` (a ``perf_counter()`` reading): no
+        tracer, and the next look for an SDK is not due yet. The one test of "tracing off":
+        :func:`_tracer` asks it, and so does a driver that has just read the clock (it then
+        uses :data:`NOOP_CALL` without calling ``start_*_call``)."""
+        return self.tracer is None and now < self.next_check
+
 
 _state = _State()
 
@@ -94,7 +101,7 @@ def _tracer() -> trace.Tracer | None:
     if t is not None:
         return t
     now = time.perf_counter()
-    if now < _state.next_check:
+    if _state.off(now):
         return None
     _state.next_check = now + RECHECK_SECONDS
     provider = _state.override or trace.get_tracer_provider()
@@ -323,13 +330,9 @@ def start_http_call(service: str, method: str | bytes) -> CallSpan | _NoopCall:
 def start_rpc_call(service: str, rpc_service: str, rpc_method: str,
                    system: str = "grpc") -> CallSpan | _NoopCall:
     """Open the span of one logical RPC to mesh service ``service``."""
-    tracer = _state.tracer
+    tracer = _tracer()
     if tracer is None:
-        if time.perf_counter() < _state.next_check:  # _tracer()'s answer, without the frame
-            return _NOOP_CALL
-        tracer = _tracer()
-        if tracer is None:
-            return _NOOP_CALL
+        return _NOOP_CALL
     attrs: dict[str, Any] = {
         sc.ATTR_RPC_SYSTEM: system,
         sc.ATTR_RPC_SERVICE: rpc_service,

@@ -384,6 +384,34 @@ def test_cancelled_call_recorded_as_cancelled(mesh, servers, clients, kind):
     assert call_count(svc, method, "OK") == 0
 
 
+@pytest.mark.parametrize("kind", ["sync", "future", "aio", "stream", "aio_stream"])
+def test_call_aborted_in_the_client_is_recorded_alike_by_every_driver(
+        mesh, servers, clients, kind):
+    """A call that fails in the client before any status (its channel was closed, so no
+    endpoint channel can be opened) frees its concurrency slot and is recorded the same way
+    by every driver: one call, CANCELLED with the exception's class as ``error_type``, and no
+    attempt. (The aio driver once let this escape unrecorded with the slot held.)"""
+    svc = new_service()
+    servers(svc, "a")
+    mesh.wait_for(svc)
+    c = clients(svc, "aio" if kind.startswith("aio") else "sync")
+    if c.loop is not None:
+        c.run(c.channel.close())
+    else:
+        c.channel.close()
+    req = pb.SimpleRequest()
+    with pytest.raises(RuntimeError, match=f"gRPC channel to service '{svc}' is closed"):
+        if kind.endswith("stream"):
+            c.stream(pb.StreamingOutputCallRequest(response_sizes=[1]))
+        else:
+            c.unary(req)
+    method = "StreamingOutputCall" if kind.endswith("stream") else "UnaryCall"
+    assert call_count(svc, method, "CANCELLED", "RuntimeError") == 1
+    assert sample(f"{CALL_FAMILY}_count", server_address=svc) == 1  # nothing else
+    assert sample(f"{ATTEMPT_FAMILY}_count", server_address=svc) == 0
+    assert mesh.destination(svc).inflight == 0
+
+
 # --------------------------------------------------------------------------- spans
 
 

@@ -256,3 +256,22 @@ def test_sync_endpoints_counts_new_endpoints_as_closed_and_forgets_departed():
     assert gauge("closed") == 2 and gauge("open") == 1
     rec.sync_endpoints(["b", "c", "d"])  # a left, d arrived
     assert gauge("closed") == 3 and gauge("open") == 0
+
+
+def test_series_shortcuts_observe_the_series_of_the_general_methods(
+        m: MeshMetrics, reg: CollectorRegistry) -> None:
+    """The gRPC driver observes ``attempt_series(1, SUCCESS)`` and ``series("OK", None)``
+    directly on its common path; they must be the series ``attempt(1, SUCCESS, s)`` and
+    ``call("OK", None, s)`` observe."""
+    rec = RpcClientRecorder.for_service("orders", metrics=m)
+    rec.attempt(1, Outcome.SUCCESS, 0.01)
+    rec.attempt_series(1, Outcome.SUCCESS).observe(0.02)
+    assert count(reg, "meshlib_client_attempt_duration_seconds_count", server_address="orders",
+                 attempt="1", outcome="success") == 2
+    assert rec.attempt_series(1, Outcome.SUCCESS) is rec._attempt_ids[(id(Outcome.SUCCESS), 1)]
+    meth = rec.method("shop.Orders", "Get")
+    meth.call("OK", None, 0.01)
+    meth.series("OK", None).observe(0.02)
+    assert count(reg, "rpc_client_call_duration_seconds_count", rpc_system="grpc",
+                 rpc_service="shop.Orders", rpc_method="Get", server_address="orders",
+                 rpc_response_status_code="OK", error_type="") == 2

@@ -180,3 +180,23 @@ def test_passthrough_without_sdk_forwards_the_inbound_context(no_sdk: None) -> N
     finally:
         srv.end(200)
     assert header(out, "traceparent") == [tp.encode()]
+
+
+def test_off_is_what_start_rpc_call_answers(no_sdk: None) -> None:
+    """``state.off(now)``, the one "tracing off" test the gRPC driver asks with its own clock
+    reading, agrees with the span factories: off -> the shared no-op call span."""
+    import time
+
+    assert tracing.start_rpc_call("orders", "a.B", "C") is tracing.NOOP_CALL  # looked, no SDK
+    assert tracing.state.off(time.perf_counter())
+    assert not tracing.state.off(tracing.state.next_check)  # a new look is due then
+    exp = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exp))
+    tracing.configure(tracer_provider=provider)
+    assert not tracing.state.off(time.perf_counter())  # configure() forces a new look
+    call = tracing.start_rpc_call("orders", "a.B", "C")
+    assert call is not tracing.NOOP_CALL
+    assert not tracing.state.off(0.0)  # a tracer is kept once seen
+    call.end("OK")
+    assert len(exp.get_finished_spans()) == 1
