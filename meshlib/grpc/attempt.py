@@ -111,10 +111,7 @@ def start_call(
     observer: CallObserver,
 ) -> CallGen:
     """The plan generator of one logical call."""
-    plan = dest.current  # DestinationState.plan(), inlined while the plan is current
-    lookup = dest.lookup
-    if plan is None or lookup is None or plan.snapshot is not lookup(dest.service):
-        plan = dest.plan()
+    plan = dest.plan()
     deadline = None
     if timeout is not None:
         deadline = Deadline(dest.now() + timeout)

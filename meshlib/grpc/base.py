@@ -3,8 +3,10 @@
 A mesh channel is a ``grpc.Channel`` / ``grpc.aio.Channel`` look-alike for one destination
 service; its multicallables run the shared call plan and, per attempt, call the picked
 endpoint's own grpcio multicallable (cached per endpoint and method; no interceptors). The
-two flavours differ only in how they drive the plan (blocking vs ``await``), so everything
-else lives here once.
+two flavours differ only in how they wait (blocking vs ``await``): a call's steps are
+:class:`meshlib.grpc.driver.CallDriver`, and the channel and multicallable state lives here
+once. Channels are typed against :class:`meshlib.ports.MeshPort`, the members of ``Mesh``
+the drivers use.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshlib.core.call import CallGen, CallObserver
-from meshlib.grpc.attempt import CALLER_KEY, RpcTelemetry, start_call
+from meshlib.core.call import CallObserver
+from meshlib.grpc.attempt import CALLER_KEY, RpcTelemetry
 from meshlib.grpc.pool import ChannelPool
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 
 class MultiCallableBase:
@@ -59,10 +61,6 @@ class MultiCallableBase:
                                        response_deserializer=self._deser, **self._kw)
         return mc
 
-    def _start(self, metadata: Any, timeout: float | None) -> CallGen:
-        return start_call(self._dest, self._method, metadata, timeout, self._replayable,
-                          self._observer)
-
 
 class MeshChannelBase:
     """Construction and the four multicallable factories of a mesh channel.
@@ -78,7 +76,7 @@ class MeshChannelBase:
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: MeshPort,
         service: str,
         *,
         options: Any = None,

@@ -34,7 +34,7 @@ from meshlib.core.destination import DestinationState
 from meshlib.grpc.pool import channel_options
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 log = logging.getLogger("meshlib.grpc.health")
 
@@ -150,7 +150,7 @@ class HealthMonitor:
     _registry_lock = threading.Lock()
 
     @classmethod
-    def for_destination(cls, mesh: Mesh, dest: DestinationState,
+    def for_destination(cls, mesh: MeshPort, dest: DestinationState,
                         options: Any = None) -> HealthMonitor:
         """The shared monitor of ``dest`` (reference counted; call :meth:`release`)."""
         with cls._registry_lock:
@@ -160,7 +160,7 @@ class HealthMonitor:
             mon._refs += 1
         return mon
 
-    def __init__(self, mesh: Mesh, dest: DestinationState, options: Any = None) -> None:
+    def __init__(self, mesh: MeshPort, dest: DestinationState, options: Any = None) -> None:
         self._dest = dest
         self._options = channel_options(options)
         self._refs = 0

@@ -30,7 +30,7 @@ import grpc.aio
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.ports import MeshPort
 
 log = logging.getLogger("meshlib.grpc")
 
@@ -49,7 +49,7 @@ class ChannelPool:
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: MeshPort,
         service: str,
         *,
         options: Sequence[tuple[str, Any]] | None = None,
