@@ -296,6 +296,7 @@ class Proc:
         self.out: queue.Queue[str] = queue.Queue()
         self.err: queue.Queue[str] = queue.Queue()
         self.err_lines: list[str] = []
+        self.out_lines: list[str] = []  # every stdout line line() has read, matching or not
         for stream, q in ((self.p.stdout, self.out), (self.p.stderr, self.err)):
             threading.Thread(target=self._pump, args=(stream, q), daemon=True).start()
 
@@ -317,6 +318,8 @@ class Proc:
             seen.append(line)
             if q is self.err:
                 self.err_lines.append(line)
+            else:
+                self.out_lines.append(line)
             if contains in line:
                 return line
         raise AssertionError(f"no line containing {contains!r}; saw {seen!r}; "
@@ -401,13 +404,16 @@ def test_watch_table_output_for_one_service(etcd: Any, procs: list[Proc]) -> Non
     watch.line(watch.err, f"watching {LAYOUT.service_prefix('orders')}")
     watch.line(watch.err, f"watching {LAYOUT.default_policy_key}")
     put_record(etcd, "users", "u-1", {"address": "10.0.0.1", "port": 1})  # not watched
+    # o-1 is written after u-1, and changes are printed in revision order: once o-1's line
+    # is read, a line for u-1 would have been read before it (out_lines keeps both).
     put_record(etcd, "orders", "o-1", {"address": "10.0.0.2", "port": 2, "labels": {"a": "b"}})
     line = watch.line(watch.out, "o-1")
     assert "  orders  instance added  o-1  10.0.0.2:2 http zone=- weight=100 labels=a=b" in line
     etcd.etcdctl("put", LAYOUT.policy_key("orders"), "timeout: 3s")
     assert "orders  policy changed" in watch.line(watch.out, "policy")
     assert watch.stop(signal.SIGTERM) == 0
-    assert watch.out.empty() or "u-1" not in "".join(list(watch.out.queue))
+    printed = watch.out_lines + list(watch.out.queue)
+    assert not [ln for ln in printed if "u-1" in ln or "users" in ln], printed
 
 
 def test_unreachable_etcd_exits_1_with_one_line_within_the_timeout(procs: list[Proc]) -> None:
