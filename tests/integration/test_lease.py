@@ -184,6 +184,10 @@ def test_registrations_through_grpc_proxies_hold_for_3_ttls(etcd_cluster) -> Non
             while time.monotonic() < deadline:
                 assert not [e for e in events if e[0] == "delete"], events
                 time.sleep(0.1)
+            # A sentinel written now arrives after any delete etcd made before it (one watch
+            # delivers in revision order): only then is "no delete" a finding.
+            direct.put(f"{prefix}/services/sentinel/x", b"s")
+            assert _wait(lambda: ("put", f"{prefix}/services/sentinel/x") in events, 5), events
             assert [e for e in events if e[0] == "delete"] == []
             assert [k.lease_id for k in keepers] == leases
             assert [(k.grants, k.losses) for k in keepers] == [(1, 0), (1, 0)]
