@@ -213,9 +213,6 @@ def no_endpoints_message(dest: DestinationState, plan: Plan) -> str:
     snap = plan.snapshot
     disc = dest.discovery
     if disc is None or disc.connected:
-        if snap.revision == 0 and not snap.from_cache and disc is not None:
-            return (f"service {service!r}: no answer from etcd yet for this service "
-                    "(the watch is starting)")
         return f"service {service!r} has no endpoints in etcd"
     last = disc.last_contact
     if last is None:

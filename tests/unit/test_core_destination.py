@@ -167,7 +167,7 @@ def _empty_plan(revision: int = 0, from_cache: bool = False):
 @pytest.mark.parametrize(("discovery", "revision", "from_cache", "expected"), [
     (None, 7, False, "service 'stock' has no endpoints in etcd"),
     (_Discovery(True, 499.0), 7, False, "service 'stock' has no endpoints in etcd"),
-    (_Discovery(True, 499.0), 0, False, "no answer from etcd yet for this service"),
+    (_Discovery(True, 499.0), 0, False, "service 'stock' has no endpoints in etcd"),
     (_Discovery(False, None), 0, False,
      "no endpoints known: etcd has not answered since the mesh started and no snapshot"),
     (_Discovery(False, 488.0), 0, False, "no endpoints known: etcd unreachable for 12.0s"),
