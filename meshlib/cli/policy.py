@@ -183,26 +183,24 @@ def cmd_policy_get(ctx: Context) -> int:
 def _policy_get_effective(ctx: Context, service: str, key: str) -> int:
     from meshlib.config import PolicyError
 
-    default_key = ctx.layout.default_policy_key
     sources: list[str] = []
     problems: list[Exception] = []
-    default_raw: dict[str, Any] = {}
-    service_raw: dict[str, Any] = {}
-    stored_default = ctx.client.get(default_key)
-    if stored_default is not None:
+
+    def stored_raw(doc_key: str) -> dict[str, Any]:
+        """The validated stored document at ``doc_key`` ({} when absent or refused)."""
+        stored = ctx.client.get(doc_key)
+        if stored is None:
+            return {}
         try:
-            default_raw = validate_document(stored_default[0], default_key)
-            sources.append(default_key)
+            raw = validate_document(stored[0], doc_key)
         except PolicyError as exc:
             problems.append(exc)
-    if service != DEFAULT_SERVICE:
-        stored = ctx.client.get(key)
-        if stored is not None:
-            try:
-                service_raw = validate_document(stored[0], key)
-                sources.append(key)
-            except PolicyError as exc:
-                problems.append(exc)
+            return {}
+        sources.append(doc_key)
+        return raw
+
+    default_raw = stored_raw(ctx.layout.default_policy_key)
+    service_raw = stored_raw(key) if service != DEFAULT_SERVICE else {}
     if not problems:
         try:
             policy = effective_policy(default_raw, service_raw, key)
