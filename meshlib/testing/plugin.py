@@ -11,6 +11,8 @@ Fixtures
     ``etcd_cluster`` function scope: a 3-member :class:`~meshlib.testing.cluster.EtcdCluster`,
                      SIGKILLed and removed at teardown.
     ``etcd_prefix``  a unique key prefix per test, ``/meshlib-test/<uuid hex>/v1``.
+    ``mesh``         function scope: a :class:`~meshlib.mesh.Mesh` on ``etcd_server`` under
+                     ``etcd_prefix``, closed (registrations revoked) at teardown.
 
 At session end the plugin checks that no etcd child is still running; any that is, is killed,
 reported, and turns a passing run into a failing one (a leaked server is a test bug).
