@@ -19,8 +19,11 @@ breakers, ejections, etcd) and ``--prometheus-targets FILE`` keeps a Prometheus 
 target list of the client and the live instances, for the Grafana dashboard in
 ``adapters/grafana/``.
 
-``--forever`` keeps the traffic going until Ctrl-C. Ctrl-C at any time stops everything and
-leaves no process.
+``--forever`` keeps the traffic going until Ctrl-C. Ctrl-C or SIGTERM at any time stops
+everything and leaves no process: the demo owns its process, so it takes SIGTERM and SIGINT
+itself (both run the same cleanup: instances are stopped and deregister, then etcd stops).
+Each instance also holds a pipe from the demo (its stdin) and stops when that pipe closes,
+so instances end even when the demo is killed with SIGKILL.
 
     python -m meshlib.demo
 """
@@ -108,11 +111,21 @@ def run_instance(etcd: str, name: str, version: str) -> None:
     mesh = Mesh(etcd)
     mesh.register(SERVICE, port, labels={"version": version}, instance_id=name, ttl=5)
 
-    def stop(signum: int, frame: object) -> None:
+    def shutdown() -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def stop(signum: int, frame: object) -> None:
+        shutdown()
+
+    def lifeline() -> None:
+        """Stop when the demo's end of our stdin closes: the demo exited, however it died."""
+        while sys.stdin.buffer.read(4096):
+            pass
+        shutdown()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    threading.Thread(target=lifeline, name="lifeline", daemon=True).start()
     try:
         server.serve_forever(poll_interval=0.1)
     finally:
@@ -197,25 +210,53 @@ class Demo:
         self.traffic = Traffic()
 
     def start_instance(self, etcd: str, name: str, version: str) -> None:
-        _say(f"starting instance {name} ({version})")
-        self.children[name] = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "meshlib.demo", "--instance", name, "--version", version,
              "--etcd", etcd],
-            start_new_session=True,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the demo only; it stops us
+            stdin=subprocess.PIPE,  # the lifeline: closed when the demo exits, however it dies
         )
+        self.children[name] = proc
+        _say(f"started instance {name} ({version}), pid {proc.pid}")
 
     def stop_instance(self, name: str) -> None:
         proc = self.children.pop(name, None)
         if proc is not None:
             _say(f"stopping instance {name} (SIGTERM: it deregisters)")
-            proc.terminate()
-            proc.wait(10)
+            self._end([proc])
+
+    @staticmethod
+    def _end(procs: list[subprocess.Popen[bytes]], timeout: float = 10) -> None:
+        """SIGTERM every process, wait for all (``timeout`` in total), SIGKILL what is left."""
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"pid {proc.pid} did not stop within {timeout:.0f}s: SIGKILL")
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if proc.stdin is not None:
+                proc.stdin.close()
+
+    def stop_all(self) -> None:
+        """Stop every instance at once (each deregisters while etcd still runs)."""
+        if self.children:
+            _say(f"stopping instances {', '.join(self.children)} (SIGTERM: they deregister)")
+            procs = list(self.children.values())
+            self.children.clear()
+            self._end(procs)
 
     def kill_instance(self, name: str) -> None:
         proc = self.children.pop(name)
         _say(f"SIGKILL {name}: it cannot deregister; its record stays until its lease expires")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        if proc.stdin is not None:
+            proc.stdin.close()
 
     def report(self) -> None:
         """Once a second: calls, failures and answers per instance over the last second."""
@@ -241,12 +282,14 @@ class Demo:
         with mesh.http_client() as http:
             http.post(f"http://{ep.authority}/admin/mode/{mode}")
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """The scripted scenario (or, with ``forever``, traffic until a signal); returns the
+        exit status: 0, or 128 + the signal number after SIGINT / SIGTERM."""
         from meshlib import Mesh
         from meshlib.testing import EtcdServer
 
         etcd = EtcdServer().start()
-        _say(f"etcd started at {etcd.endpoint}")
+        _say(f"etcd started at {etcd.endpoint}, pid {etcd.pid}")
         mesh = Mesh(etcd.endpoint, service="demo-client")
         layout = mesh.layout
         metrics_server = None
@@ -277,6 +320,11 @@ class Demo:
         threads = [threading.Thread(target=self.traffic.run, args=(mesh, self.stop), daemon=True)
                    for _ in range(2)]
         threads.append(threading.Thread(target=self.report, daemon=True))
+        status = 0
+        # The demo owns its process: SIGTERM runs the same cleanup as Ctrl-C. (Installed after
+        # EtcdServer's handlers, which would kill etcd and then the process at once, leaving
+        # the instances running.)
+        _take_signals()
         try:
             self.start_instance(etcd.endpoint, "hello-a", "v1")
             self.start_instance(etcd.endpoint, "hello-b", "v1")
@@ -344,26 +392,28 @@ class Demo:
                  f"{f1 - f0} failed calls out of {c1 - c0} meanwhile (503s retried elsewhere)")
             time.sleep(1)
             if self.forever:
-                _say("running until Ctrl-C")
+                _say("running until Ctrl-C or SIGTERM")
                 while True:
                     time.sleep(1)
             calls, failed, *_ = self.traffic.totals()
             _say(f"demo done: {calls} calls, {failed} failed"
                  + (f" (last error: {self.traffic.last_error})" if failed else ""))
-        except KeyboardInterrupt:
-            _say("interrupted")
+        except Interrupted as exc:
+            _say(f"interrupted ({exc.signal.name})")
+            status = 128 + exc.signal
         finally:
+            _ignore_signals()  # a second Ctrl-C / SIGTERM must not cut the cleanup short
             self.stop.set()
             for t in threads:
                 if t.is_alive():
                     t.join(5)
-            for name in list(self.children):
-                self.stop_instance(name)
+            self.stop_all()
             if metrics_server is not None:
                 metrics_server.close()
             mesh.close()
             etcd.stop()
             _say("all processes stopped")
+        return status
 
     def _write_targets(self, client_port: int, endpoints: Any) -> None:
         """Prometheus ``file_sd_configs`` targets: the client and the live instances (their
@@ -393,9 +443,33 @@ class Demo:
         return bool(pred())
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the demo: stop everything (``signal`` says which)."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__(sig.name)
+        self.signal = sig
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum))
+
+
+def _take_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
+def _ignore_signals() -> None:
+    """During the cleanup (bounded: 10 s per instance, then SIGKILL)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="meshlib demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
+    p.add_argument("--forever", action="store_true",
+                   help="keep running until Ctrl-C (or SIGTERM)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve the client's metrics on 127.0.0.1:PORT/metrics (0: any port); "
                         "instances always serve /metrics on their service port")
@@ -412,8 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.prometheus_targets and args.metrics_port is None:
         p.error("--prometheus-targets needs --metrics-port")
-    Demo(args.forever, args.metrics_port, args.prometheus_targets).run()
-    return 0
+    return Demo(args.forever, args.metrics_port, args.prometheus_targets).run()
 
 
 if __name__ == "__main__":

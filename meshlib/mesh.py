@@ -1,10 +1,24 @@
-"""``Mesh``: one per process. Owns the etcd connection, the watch thread, the snapshot
-store and the registrations; hands out snapshots (and, in later layers, HTTP clients and
-gRPC channels) that read the store without locks.
+"""``Mesh``: the facade of meshlib, one per process.
+
+It owns the etcd connection, the watch thread, the snapshot store and the registrations,
+and hands out what the application uses: snapshots, httpx clients and gRPC channels whose
+calls read the store without locks. The drivers behind those clients use only the six
+members declared by :class:`meshlib.ports.MeshPort`; ``Mesh`` is the one implementation.
 
 Threads: one watch thread (all watched prefixes multiplexed on one etcd Watch stream) and
 one keepalive thread per registration. Sync and asyncio users share them; the async
-``async_wait_for`` is woken from the watch thread with ``loop.call_soon_threadsafe``.
+``async_wait_for`` is woken from the watch thread with ``loop.call_soon_threadsafe``, and
+``aclose`` runs the blocking part of ``close`` (lease revocation, joining the watch thread)
+in a worker thread so that the event loop keeps running.
+
+Signals: a library does not take over its host's SIGTERM unasked (gRPC, httpx, the
+OpenTelemetry SDK and Finagle's clients install no signal handler either; the process's
+owner, e.g. TwitterServer, uvicorn or gunicorn, does). ``close()`` runs at interpreter exit
+(``atexit``), which covers ``sys.exit``, the end of ``main`` and Ctrl-C; a process killed by
+a plain SIGTERM leaves its records until their lease TTL expires. ``Mesh(handle_sigterm=True)``
+opts in to a handler that deregisters first and then defers to the previous handler (or
+exits with status 143), for programs that own their process and have no handler of their
+own: the demo, the sidecar.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -27,6 +42,7 @@ import httpx
 from meshlib.config import DEFAULT_POLICY
 from meshlib.core.destination import DestinationState
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
+from meshlib.core.endpoints import Protocol as EndpointProtocol
 from meshlib.discovery.etcd_client import EtcdClient
 from meshlib.discovery.keys import DEFAULT_PREFIX, KeyLayout, check_service_name
 from meshlib.discovery.registration import Registration
@@ -36,6 +52,8 @@ from meshlib.ports import CallKind, MeshPort, SnapshotListener
 from meshlib.telemetry import metrics
 
 if TYPE_CHECKING:
+    import pybreaker
+
     from meshlib.grpc import AioMeshChannel, MeshChannel
     from meshlib.telemetry.recorders import HttpClientRecorder, RpcClientRecorder
 
@@ -62,12 +80,44 @@ def resolve_endpoints(etcd: str | Sequence[str] | None) -> list[str]:
 
 
 class Mesh:
-    """The process-wide entry point.
+    """The process-wide entry point (a facade over discovery, policies, clients, telemetry).
 
-    >>> mesh = Mesh("127.0.0.1:2379")                          # doctest: +SKIP
+    >>> mesh = Mesh("127.0.0.1:2379", service="gateway")              # doctest: +SKIP
     >>> reg = mesh.register("orders", 8080, labels={"version": "v1"})  # doctest: +SKIP
-    >>> mesh.wait_for("orders").endpoints                       # doctest: +SKIP
+    >>> mesh.wait_for("orders").endpoints                              # doctest: +SKIP
+    >>> with mesh.http_client() as http:                               # doctest: +SKIP
+    ...     http.get("http://orders/api/orders/42")
+
+    Sync and async: a method that blocks has an ``async_`` twin for asyncio code
+    (``wait_for`` / ``async_wait_for``), and a factory of asyncio objects carries the same
+    prefix (``async_http_client`` gives an ``httpx.AsyncClient``, ``async_grpc_channel`` a
+    ``grpc.aio``-style channel). The one exception is ``aclose``, the name Python's own
+    protocols use (``contextlib.aclosing``, async generators, ``httpx.AsyncClient``).
+    ``with Mesh(...)`` and ``async with Mesh(...)`` close the mesh on exit.
+
+    Deprecated names (kept for one release; they warn with ``DeprecationWarning``):
+    ``aio_grpc_channel`` (now ``async_grpc_channel``), ``endpoints`` (now
+    ``etcd_endpoints``), ``store`` (internal; read snapshots with ``snapshot``).
+
+    Attributes:
+        etcd_endpoints: the etcd addresses in use (``host:port`` strings).
+        layout: the :class:`~meshlib.discovery.keys.KeyLayout` of this mesh's prefix: the
+            etcd key of anything (``mesh.layout.policy_key("orders")``); docs/etcd-layout.md.
+        client: the :class:`~meshlib.discovery.etcd_client.EtcdClient` the mesh talks to
+            etcd with (``get``, ``put``, ``delete``, ``get_prefix``; retried, with
+            ``etcd_timeout``), for tools and tests that write policies:
+            ``mesh.client.put(mesh.layout.policy_key("orders"), text)``.
+        service: this process's own service name (the caller identity), or None.
+        zone: this process's zone, or None.
+        breaker_listeners: the pybreaker listeners told of breaker transitions.
     """
+
+    etcd_endpoints: list[str]
+    layout: KeyLayout
+    client: EtcdClient
+    service: str | None
+    zone: str | None
+    breaker_listeners: list[pybreaker.CircuitBreakerListener]
 
     def __init__(
         self,
@@ -79,26 +129,63 @@ class Mesh:
         snapshot_path: str | None = None,
         etcd_timeout: float = 5.0,
         progress_interval: float = 1.0,
-        handle_sigterm: bool = True,
-        breaker_listeners: Sequence[Any] = (),
+        handle_sigterm: bool = False,
+        breaker_listeners: Sequence[pybreaker.CircuitBreakerListener] = (),
     ) -> None:
-        self.endpoints = resolve_endpoints(etcd)
+        """Connect to etcd (lazily: nothing here waits for it) and start the watch thread.
+
+        Args:
+            etcd: etcd client endpoints, as ``"host:port"``, a comma-separated string of
+                them or a sequence; default ``MESHLIB_ETCD_ENDPOINTS``, else
+                ``127.0.0.1:2379``. Several members: a failed member's calls move to the next.
+            prefix: the key prefix every key lives under (docs/etcd-layout.md); default
+                ``MESHLIB_PREFIX``, else ``/meshlib/v1``. Meshes that should see each other
+                share it; tests use a fresh one each.
+            zone: this process's zone. Instances it registers get it unless ``register`` says
+                otherwise, and calls prefer instances of the same zone while enough of them
+                are healthy (docs/http.md, "Zones").
+            service: this process's own service name. Clients send it as the caller identity
+                (``x-mesh-caller``) that destinations' access policies check, and the server
+                middleware uses it as its own name; None: anonymous caller.
+            snapshot_path: a file where the mesh keeps the last snapshot of every watched
+                service, so that a process started while etcd is down can still route
+                (docs/scaling.md); None: no file.
+            etcd_timeout: seconds one etcd request may take, retries included, before it
+                fails (registration, reads and writes through ``client``).
+            progress_interval: seconds between the watch stream's progress checks; a
+                stream silent for about twice this is treated as dead and re-opened. Raise it
+                (5-10 s) for thousands of clients (docs/scaling.md).
+            handle_sigterm: install a SIGTERM handler that closes every live mesh
+                (deregistering its instances at once) and then calls the handler that was in
+                place before, or exits with status 143 when there was none. Default False: a
+                library leaves its host's signals alone; ``close()`` still runs at exit
+                (``atexit``), and a host with its own handler calls ``close()`` from it. Set
+                it in a program that owns its process and has no handler. Only the main
+                thread can install it (elsewhere it is skipped with a warning); a handler the
+                host installs later replaces it.
+            breaker_listeners: ``pybreaker.CircuitBreakerListener`` objects told of every
+                breaker transition of every endpoint this mesh calls (``state_change``);
+                ``breakers(service)`` returns the mirrored breakers.
+        """
+        self.etcd_endpoints = resolve_endpoints(etcd)
         self.layout = KeyLayout(prefix or os.environ.get(ENV_PREFIX, DEFAULT_PREFIX))
         self.zone = zone
-        self.service = service  # this process's own service name (caller identity)
-        self.client = EtcdClient(self.endpoints, timeout=etcd_timeout)
-        self.store = SnapshotStore(self.layout, snapshot_path=snapshot_path)
+        self.service = service
+        self.client = EtcdClient(self.etcd_endpoints, timeout=etcd_timeout)
+        self._store = SnapshotStore(self.layout, snapshot_path=snapshot_path)
         self._watcher = WatchManager(
             self.client, progress_interval=progress_interval, on_state=self._on_etcd_state
         )
         metrics.track_staleness(self._watcher)
-        self._watched: dict[str, Any] = {}
+        self._watched: dict[str, object] = {}
         self._watch_lock = threading.Lock()
         self._registrations: list[Registration] = []
         self._destinations: dict[str, DestinationState] = {}
         self.breaker_listeners = list(breaker_listeners)
-        self.store.add_listener(self._on_snapshot)
+        self._store.add_listener(self._on_snapshot)
         self._closed = False
+        self._close_lock = threading.RLock()  # re-entrant: SIGTERM may arrive inside close()
+        self._close_done = threading.Event()
         self._default_watch = self._watcher.watch_prefix(
             self.layout.default_policy_key, self._on_default_reset, self._on_default_events
         )
@@ -106,34 +193,49 @@ class Mesh:
         if handle_sigterm:
             _install_sigterm_handler()
 
+    # --- deprecated names (one release) --------------------------------------------------
+    @property
+    def endpoints(self) -> list[str]:
+        """Deprecated: ``etcd_endpoints`` (these are etcd's addresses, not a service's)."""
+        _deprecated("Mesh.endpoints", "Mesh.etcd_endpoints")
+        return self.etcd_endpoints
+
+    @property
+    def store(self) -> SnapshotStore:
+        """Deprecated: the snapshot store is internal; use ``snapshot`` and ``add_listener``."""
+        _deprecated("Mesh.store", "Mesh.snapshot(service) / Mesh.add_listener(listener)")
+        return self._store
+
     # --- etcd state ------------------------------------------------------------------------
     def _on_etcd_state(self, connected: bool) -> None:
         metrics.ETCD_CONNECTED.set(1 if connected else 0)
 
     @property
     def connected(self) -> bool:
+        """Whether the watch stream to etcd is up now."""
         return bool(self._watcher.connected)
 
     @property
     def staleness(self) -> float | None:
+        """Seconds since etcd last answered the watch stream (None: never yet)."""
         last = self._watcher.last_contact
         return None if last is None else time.monotonic() - last
 
     def _on_default_reset(self, kvs: list[Any], revision: int) -> None:
         match = [kv for kv in kvs if kv.key == self.layout.default_policy_key]
         if match:
-            self.store.reset_default_policy(match[0].value, match[0].mod_revision)
+            self._store.reset_default_policy(match[0].value, match[0].mod_revision)
         else:
-            self.store.reset_default_policy(None, revision)
+            self._store.reset_default_policy(None, revision)
 
     def _on_default_events(self, events: list[Any], revision: int) -> None:
         for etype, kv in events:
             if kv.key != self.layout.default_policy_key:
                 continue
             if etype == "delete":
-                self.store.reset_default_policy(None, revision)
+                self._store.reset_default_policy(None, revision)
             else:
-                self.store.reset_default_policy(kv.value, kv.mod_revision)
+                self._store.reset_default_policy(kv.value, kv.mod_revision)
 
     # --- discovery ---------------------------------------------------------------------------
     def watch(self, service: str) -> None:
@@ -144,24 +246,24 @@ class Mesh:
         with self._watch_lock:
             if service in self._watched or self._closed:
                 return
-            self.store.ensure_service(service)
+            self._store.ensure_service(service)
             self._watched[service] = self._watcher.watch_prefix(
                 self.layout.service_prefix(service),
-                functools.partial(self.store.reset_service, service),
-                functools.partial(self.store.apply_events, service),
+                functools.partial(self._store.reset_service, service),
+                functools.partial(self._store.apply_events, service),
             )
 
     def snapshot(self, service: str) -> ServiceSnapshot:
         """The current snapshot of ``service`` (empty until etcd has answered). Lock-free."""
-        snap = self.store.get(service)
+        snap = self._store.get(service)
         if snap is not None and service in self._watched:
             return snap
         self.watch(service)
-        return self.store.get(service) or ServiceSnapshot(service, policy=DEFAULT_POLICY)
+        return self._store.get(service) or ServiceSnapshot(service, policy=DEFAULT_POLICY)
 
     def add_listener(self, listener: SnapshotListener) -> Callable[[], None]:
         """Call ``listener(service, snapshot)`` from the watch thread on every swap."""
-        return self.store.add_listener(listener)
+        return self._store.add_listener(listener)
 
     def wait_for(
         self, service: str, min_endpoints: int = 1, timeout: float | None = 10.0
@@ -170,10 +272,10 @@ class Mesh:
         self.watch(service)
 
         def ready() -> bool:
-            snap = self.store.get(service)
+            snap = self._store.get(service)
             return snap is not None and len(snap.endpoints) >= min_endpoints
 
-        if not self.store.wait(ready, timeout):
+        if not self._store.wait(ready, timeout):
             have = len(self.snapshot(service).endpoints)
             raise MeshTimeout(
                 f"service {service!r}: {have} endpoint(s) after {timeout}s, wanted {min_endpoints}"
@@ -189,7 +291,7 @@ class Mesh:
         fut: asyncio.Future[None] = loop.create_future()
 
         def ready() -> bool:
-            snap = self.store.get(service)
+            snap = self._store.get(service)
             return snap is not None and len(snap.endpoints) >= min_endpoints
 
         def resolve() -> None:
@@ -200,7 +302,7 @@ class Mesh:
             if _s == service and ready():
                 loop.call_soon_threadsafe(resolve)
 
-        remove = self.store.add_listener(wake)
+        remove = self._store.add_listener(wake)
         try:
             if not ready():
                 try:
@@ -227,7 +329,7 @@ class Mesh:
                 if dest is None:
                     dest = DestinationState(
                         service, functools.partial(self.snapshot, service),
-                        lookup=self.store.lookup, zone=self.zone,
+                        lookup=self._store.lookup, zone=self.zone,
                     )
                     dest.breaker_listeners = self.breaker_listeners
                     dest.observer = self.call_observer("http", service)  # policy changes
@@ -247,7 +349,7 @@ class Mesh:
         if service in self._destinations:
             self._sync_endpoint_gauges(service, snap)
 
-    def breakers(self, service: str) -> dict[str, Any]:
+    def breakers(self, service: str) -> dict[str, pybreaker.CircuitBreaker]:
         """``pybreaker.CircuitBreaker`` mirrors of the endpoints of ``service`` whose breaker
         changed state so far, by endpoint key (only with ``Mesh(breaker_listeners=[...])``)."""
         return dict(self.destination(service).breakers)
@@ -296,11 +398,17 @@ class Mesh:
 
         return MeshChannel(self, service, **options)
 
-    def aio_grpc_channel(self, service: str, **options: Any) -> AioMeshChannel:
-        """A ``grpc.aio.Channel`` to ``service`` through the mesh (create it on its event loop)."""
+    def async_grpc_channel(self, service: str, **options: Any) -> AioMeshChannel:
+        """A ``grpc.aio.Channel`` to ``service`` through the mesh (create it on its event loop):
+        ``OrdersStub(mesh.async_grpc_channel("orders"))``; ``options`` as for ``grpc_channel``."""
         from meshlib.grpc import AioMeshChannel
 
         return AioMeshChannel(self, service, **options)
+
+    def aio_grpc_channel(self, service: str, **options: Any) -> AioMeshChannel:
+        """Deprecated: ``async_grpc_channel`` (one ``async_`` prefix for every asyncio variant)."""
+        _deprecated("Mesh.aio_grpc_channel", "Mesh.async_grpc_channel")
+        return self.async_grpc_channel(service, **options)
 
     # --- registration ----------------------------------------------------------------------
     def register(
@@ -309,7 +417,7 @@ class Mesh:
         port: int,
         *,
         address: str = "127.0.0.1",
-        protocol: str = "http",
+        protocol: EndpointProtocol = "http",
         zone: str | None = None,
         labels: dict[str, str] | None = None,
         weight: int = 100,
@@ -318,7 +426,16 @@ class Mesh:
         instance_id: str | None = None,
         wait: bool = True,
     ) -> Registration:
-        """Register an instance of ``service``; returns a handle (context manager)."""
+        """Register an instance of ``service`` at ``address:port`` on an etcd lease of ``ttl``
+        seconds, kept alive from a thread and restored after a lease loss; returns the handle
+        (a context manager; ``close()`` deregisters, as does closing the mesh).
+
+        ``protocol`` is how callers reach it (``"http"`` or ``"grpc"``); ``zone`` defaults to
+        the mesh's; ``labels`` select subsets in policies; ``weight`` (1-10000 in practice)
+        scales its share under weighted balancers; ``metadata`` is free-form JSON stored in the
+        record; ``instance_id`` defaults to ``address-port-<random>``. With ``wait`` the call
+        waits up to twice ``etcd_timeout`` for the record to be written, and logs a warning
+        (and keeps trying) when it is not."""
         check_service_name(service)
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
@@ -331,7 +448,7 @@ class Mesh:
             instance_id=iid,
             address=address,
             port=int(port),
-            protocol=protocol,  # type: ignore[arg-type]
+            protocol=protocol,
             zone=zone if zone is not None else self.zone,
             weight=weight,
             labels=dict(labels or {}),
@@ -346,20 +463,52 @@ class Mesh:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        if self._closed:
+        """Deregister every instance (revoke its lease), stop the watch thread and close the
+        etcd connection. Idempotent and thread-safe: a second caller waits for the first.
+        Blocks (up to a few seconds when etcd is slow or down); from asyncio code use
+        ``await mesh.aclose()``. Clients and channels handed out stop seeing updates."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                for reg in self._registrations:
+                    reg.close()
+                self._watcher.close()
+                self.client.close()
+            finally:
+                _live_meshes.discard(self)
+                self._close_done.set()
+
+    async def aclose(self) -> None:
+        """``close()`` for asyncio code: the blocking work runs in a worker thread
+        (``asyncio.to_thread``), so the event loop keeps serving while leases are revoked.
+        Cancelling the caller does not stop the close, which completes in its thread."""
+        if self._close_done.is_set():
             return
-        self._closed = True
-        for reg in self._registrations:
-            reg.close()
-        self._watcher.close()
-        self.client.close()
-        _live_meshes.discard(self)
+        await asyncio.shield(asyncio.to_thread(self.close))
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` (or ``aclose()``) has started."""
+        return self._closed
 
     def __enter__(self) -> Mesh:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Mesh:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed in meshlib 0.3; use {new}",
+                  DeprecationWarning, stacklevel=3)
 
 
 def _port(mesh: Mesh) -> MeshPort:
@@ -383,9 +532,14 @@ _sigterm_installed = False
 
 
 def _install_sigterm_handler() -> None:
-    """Deregister on SIGTERM (then defer to the previous handler or exit 143)."""
+    """Deregister on SIGTERM (then defer to the previous handler or exit 143). Installed at
+    most once per process, and only by ``Mesh(handle_sigterm=True)``."""
     global _sigterm_installed
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+    if _sigterm_installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("Mesh(handle_sigterm=True) outside the main thread: no SIGTERM handler "
+                    "installed (signal.signal works only there); call close() on shutdown")
         return
     previous = signal.getsignal(signal.SIGTERM)
 
