@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     instance = args.id or f"orders-{socket.gethostname()}-{args.port}"
     app = create_app(instance, args.version)
-    with Mesh(args.etcd, prefix=args.prefix, service=SERVICE) as mesh:  # closing deregisters
+    # this program owns its process: SIGTERM deregisters at once (the mesh's handler)
+    with Mesh(args.etcd, prefix=args.prefix, service=SERVICE, handle_sigterm=True) as mesh:
         app.wsgi_app = MeshWSGIMiddleware(app.wsgi_app, mesh)  # type: ignore[method-assign]
         server = make_server("127.0.0.1", args.port, app, threaded=True)  # bound, then register
         mesh.register(SERVICE, args.port, instance_id=instance, labels={"version": args.version},

@@ -48,7 +48,7 @@ def serve(args: argparse.Namespace) -> None:
     add_health_servicer(server, lambda _service: SERVING)
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
-    with Mesh() as mesh:  # SIGTERM / exit deregisters
+    with Mesh(handle_sigterm=True) as mesh:  # SIGTERM / exit deregisters
         mesh.register("orders", port, protocol="grpc", instance_id=args.id,
                       labels={"version": args.version})
         print(f"orders/{args.id} ({args.version}) serving on 127.0.0.1:{port}", flush=True)
@@ -70,7 +70,7 @@ def call(args: argparse.Namespace) -> None:
                 time.sleep(args.pause)
 
         async def aio_calls() -> None:
-            async with mesh.aio_grpc_channel("orders") as channel:
+            async with mesh.async_grpc_channel("orders") as channel:
                 stub = pb_grpc.TestServiceStub(channel)
                 replies = await asyncio.gather(
                     *(stub.UnaryCall(pb.SimpleRequest(response_size=1), timeout=2.0)

@@ -507,7 +507,7 @@ class Mesh:
 
 
 def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"{old} is deprecated and will be removed in meshlib 0.3; use {new}",
+    warnings.warn(f"{old} is deprecated and will be removed in meshlib 0.2; use {new}",
                   DeprecationWarning, stacklevel=3)
 
 

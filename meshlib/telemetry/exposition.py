@@ -54,7 +54,21 @@ class MetricsServer:
 def start_metrics_server(port: int, addr: str = "127.0.0.1",
                          registry: CollectorRegistry | None = None) -> MetricsServer:
     """Serve ``/metrics`` (any path, in fact) on ``addr:port`` from a daemon thread.
-    ``port=0`` picks a free port."""
+
+    ``port=0`` picks a free port; ``addr`` defaults to loopback (pass ``"0.0.0.0"`` for a
+    scraper on another host); ``registry`` defaults to prometheus_client's process registry,
+    with every meshlib family registered first.
+
+    Returns a :class:`MetricsServer`: ``port`` is the bound port (the one chosen when you
+    passed 0), ``url`` the scrape URL (``http://127.0.0.1:PORT/metrics``), and ``close()``
+    stops the server and releases the port (the thread is a daemon, so a process that never
+    calls it still exits).
+
+    >>> srv = start_metrics_server(0)   # doctest: +SKIP
+    >>> srv.url                         # doctest: +SKIP
+    'http://127.0.0.1:40123/metrics'
+    >>> srv.close()                     # doctest: +SKIP
+    """
     server, thread = prometheus_client.start_http_server(port, addr=addr,
                                                          registry=_registry(registry))
     return MetricsServer(server, thread, addr, server.server_port)
