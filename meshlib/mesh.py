@@ -96,8 +96,7 @@ class Mesh:
     ``with Mesh(...)`` and ``async with Mesh(...)`` close the mesh on exit.
 
     Deprecated names (kept for one release; they warn with ``DeprecationWarning``):
-    ``aio_grpc_channel`` (now ``async_grpc_channel``), ``endpoints`` (now
-    ``etcd_endpoints``), ``store`` (internal; read snapshots with ``snapshot``).
+    ``aio_grpc_channel`` (now ``async_grpc_channel``), ``endpoints`` (now ``etcd_endpoints``).
 
     Attributes:
         etcd_endpoints: the etcd addresses in use (``host:port`` strings).
@@ -107,6 +106,10 @@ class Mesh:
             etcd with (``get``, ``put``, ``delete``, ``get_prefix``; retried, with
             ``etcd_timeout``), for tools and tests that write policies:
             ``mesh.client.put(mesh.layout.policy_key("orders"), text)``.
+        store: the :class:`~meshlib.discovery.store.SnapshotStore` the watch thread publishes
+            into. ``store.get(service)`` reads a snapshot without starting a watch (None:
+            discovery has not answered for it yet); ``store.services()`` lists the known
+            services. Applications read ``snapshot`` and ``add_listener`` instead.
         service: this process's own service name (the caller identity), or None.
         zone: this process's zone, or None.
         breaker_listeners: the pybreaker listeners told of breaker transitions.
@@ -115,6 +118,7 @@ class Mesh:
     etcd_endpoints: list[str]
     layout: KeyLayout
     client: EtcdClient
+    store: SnapshotStore
     service: str | None
     zone: str | None
     breaker_listeners: list[pybreaker.CircuitBreakerListener]
@@ -172,7 +176,7 @@ class Mesh:
         self.zone = zone
         self.service = service
         self.client = EtcdClient(self.etcd_endpoints, timeout=etcd_timeout)
-        self._store = SnapshotStore(self.layout, snapshot_path=snapshot_path)
+        self.store = SnapshotStore(self.layout, snapshot_path=snapshot_path)
         self._watcher = WatchManager(
             self.client, progress_interval=progress_interval, on_state=self._on_etcd_state
         )
@@ -182,7 +186,7 @@ class Mesh:
         self._registrations: list[Registration] = []
         self._destinations: dict[str, DestinationState] = {}
         self.breaker_listeners = list(breaker_listeners)
-        self._store.add_listener(self._on_snapshot)
+        self.store.add_listener(self._on_snapshot)
         self._closed = False
         self._close_lock = threading.RLock()  # re-entrant: SIGTERM may arrive inside close()
         self._close_done = threading.Event()
@@ -200,11 +204,6 @@ class Mesh:
         _deprecated("Mesh.endpoints", "Mesh.etcd_endpoints")
         return self.etcd_endpoints
 
-    @property
-    def store(self) -> SnapshotStore:
-        """Deprecated: the snapshot store is internal; use ``snapshot`` and ``add_listener``."""
-        _deprecated("Mesh.store", "Mesh.snapshot(service) / Mesh.add_listener(listener)")
-        return self._store
 
     # --- etcd state ------------------------------------------------------------------------
     def _on_etcd_state(self, connected: bool) -> None:
@@ -224,18 +223,18 @@ class Mesh:
     def _on_default_reset(self, kvs: list[Any], revision: int) -> None:
         match = [kv for kv in kvs if kv.key == self.layout.default_policy_key]
         if match:
-            self._store.reset_default_policy(match[0].value, match[0].mod_revision)
+            self.store.reset_default_policy(match[0].value, match[0].mod_revision)
         else:
-            self._store.reset_default_policy(None, revision)
+            self.store.reset_default_policy(None, revision)
 
     def _on_default_events(self, events: list[Any], revision: int) -> None:
         for etype, kv in events:
             if kv.key != self.layout.default_policy_key:
                 continue
             if etype == "delete":
-                self._store.reset_default_policy(None, revision)
+                self.store.reset_default_policy(None, revision)
             else:
-                self._store.reset_default_policy(kv.value, kv.mod_revision)
+                self.store.reset_default_policy(kv.value, kv.mod_revision)
 
     # --- discovery ---------------------------------------------------------------------------
     def watch(self, service: str) -> None:
@@ -246,24 +245,24 @@ class Mesh:
         with self._watch_lock:
             if service in self._watched or self._closed:
                 return
-            self._store.ensure_service(service)
+            self.store.ensure_service(service)
             self._watched[service] = self._watcher.watch_prefix(
                 self.layout.service_prefix(service),
-                functools.partial(self._store.reset_service, service),
-                functools.partial(self._store.apply_events, service),
+                functools.partial(self.store.reset_service, service),
+                functools.partial(self.store.apply_events, service),
             )
 
     def snapshot(self, service: str) -> ServiceSnapshot:
         """The current snapshot of ``service`` (empty until etcd has answered). Lock-free."""
-        snap = self._store.get(service)
+        snap = self.store.get(service)
         if snap is not None and service in self._watched:
             return snap
         self.watch(service)
-        return self._store.get(service) or ServiceSnapshot(service, policy=DEFAULT_POLICY)
+        return self.store.get(service) or ServiceSnapshot(service, policy=DEFAULT_POLICY)
 
     def add_listener(self, listener: SnapshotListener) -> Callable[[], None]:
         """Call ``listener(service, snapshot)`` from the watch thread on every swap."""
-        return self._store.add_listener(listener)
+        return self.store.add_listener(listener)
 
     def wait_for(
         self, service: str, min_endpoints: int = 1, timeout: float | None = 10.0
@@ -272,10 +271,10 @@ class Mesh:
         self.watch(service)
 
         def ready() -> bool:
-            snap = self._store.get(service)
+            snap = self.store.get(service)
             return snap is not None and len(snap.endpoints) >= min_endpoints
 
-        if not self._store.wait(ready, timeout):
+        if not self.store.wait(ready, timeout):
             have = len(self.snapshot(service).endpoints)
             raise MeshTimeout(
                 f"service {service!r}: {have} endpoint(s) after {timeout}s, wanted {min_endpoints}"
@@ -291,7 +290,7 @@ class Mesh:
         fut: asyncio.Future[None] = loop.create_future()
 
         def ready() -> bool:
-            snap = self._store.get(service)
+            snap = self.store.get(service)
             return snap is not None and len(snap.endpoints) >= min_endpoints
 
         def resolve() -> None:
@@ -302,7 +301,7 @@ class Mesh:
             if _s == service and ready():
                 loop.call_soon_threadsafe(resolve)
 
-        remove = self._store.add_listener(wake)
+        remove = self.store.add_listener(wake)
         try:
             if not ready():
                 try:
@@ -329,7 +328,7 @@ class Mesh:
                 if dest is None:
                     dest = DestinationState(
                         service, functools.partial(self.snapshot, service),
-                        lookup=self._store.lookup, zone=self.zone,
+                        lookup=self.store.lookup, zone=self.zone,
                     )
                     dest.breaker_listeners = self.breaker_listeners
                     dest.observer = self.call_observer("http", service)  # policy changes

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from meshlib.core.endpoints import Protocol
 from meshlib.discovery.keys import check_service_name
 
 ENV_PREFIX: Final = "MESHLIB_SHIM_"
@@ -50,7 +51,7 @@ class ShimConfig:
     service: str | None = None
     app_port: int | None = None
     app_address: str = "127.0.0.1"
-    protocol: str = "http"
+    protocol: Protocol = "http"
     labels: tuple[tuple[str, str], ...] = ()
     instance_id: str | None = None
     ttl: float = 10.0

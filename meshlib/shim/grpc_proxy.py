@@ -120,7 +120,7 @@ class GrpcUpstream:
         cannot be bound."""
         if self._server is not None:
             return self
-        self.channel = self.mesh.aio_grpc_channel(self.service, options=self._channel_options)
+        self.channel = self.mesh.async_grpc_channel(self.service, options=self._channel_options)
         forwarder = CallForwarder(self.channel, unary_window=self.unary_window)
         server = grpc.aio.server(options=[*self._limits, ("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((_AnyMethod(forwarder),))

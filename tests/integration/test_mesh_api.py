@@ -140,8 +140,6 @@ def test_sigterm(etcd, prefix, kwargs, host_handler, handler, rc, deregistered):
 def test_deprecated_names_warn_and_still_work(mesh):
     with pytest.warns(DeprecationWarning, match=r"Mesh\.endpoints .* Mesh\.etcd_endpoints"):
         assert mesh.endpoints == mesh.etcd_endpoints
-    with pytest.warns(DeprecationWarning, match=r"Mesh\.store"):
-        assert mesh.store.get("nobody") is None
 
 
 async def test_aio_grpc_channel_is_a_deprecated_alias(mesh):
