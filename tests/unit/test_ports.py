@@ -105,7 +105,7 @@ def test_a_transport_runs_on_the_port_alone(hello_server: int) -> None:
     ep = Endpoint("orders", "a", "127.0.0.1", hello_server, key="/static/orders/a")
     port = StaticPort(ServiceSnapshot("orders", (ep,), policy=DEFAULT_POLICY))
     assert isinstance(port, MeshPort)
-    with httpx.Client(transport=MeshTransport(port, passthrough=False)) as client:  # type: ignore[arg-type]
+    with httpx.Client(transport=MeshTransport(port, passthrough=False)) as client:
         resp = client.get("http://orders/hi")
     assert resp.status_code == 200
     assert resp.text == "/hi caller=caller"
