@@ -141,7 +141,7 @@ class Mesh:
         Args:
             etcd: etcd client endpoints, as ``"host:port"``, a comma-separated string of
                 them or a sequence; default ``MESHLIB_ETCD_ENDPOINTS``, else
-                ``127.0.0.1:2379``. Several members: a failed member's calls move to the next.
+                ``127.0.0.1:2379``. With several members a dead one is skipped.
             prefix: the key prefix every key lives under (docs/etcd-layout.md); default
                 ``MESHLIB_PREFIX``, else ``/meshlib/v1``. Meshes that should see each other
                 share it; tests use a fresh one each.
@@ -151,13 +151,13 @@ class Mesh:
             service: this process's own service name. Clients send it as the caller identity
                 (``x-mesh-caller``) that destinations' access policies check, and the server
                 middleware uses it as its own name; None: anonymous caller.
-            snapshot_path: a file where the mesh keeps the last snapshot of every watched
-                service, so that a process started while etcd is down can still route
-                (docs/scaling.md); None: no file.
+            snapshot_path: a JSON file the mesh reads at start and rewrites whenever etcd
+                changes a watched service, so that a process started while etcd is down can
+                still route (docs/scaling.md); None: no file.
             etcd_timeout: seconds one etcd request may take, retries included, before it
                 fails (registration, reads and writes through ``client``).
-            progress_interval: seconds between the watch stream's progress checks; a
-                stream silent for about twice this is treated as dead and re-opened. Raise it
+            progress_interval: seconds between the watch stream's progress requests; a
+                stream silent for 3 intervals is treated as dead and reopened. Raise it
                 (5-10 s) for thousands of clients (docs/scaling.md).
             handle_sigterm: install a SIGTERM handler that closes every live mesh
                 (deregistering its instances at once) and then calls the handler that was in
@@ -203,7 +203,6 @@ class Mesh:
         """Deprecated: ``etcd_endpoints`` (these are etcd's addresses, not a service's)."""
         _deprecated("Mesh.endpoints", "Mesh.etcd_endpoints")
         return self.etcd_endpoints
-
 
     # --- etcd state ------------------------------------------------------------------------
     def _on_etcd_state(self, connected: bool) -> None:
