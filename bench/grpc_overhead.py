@@ -95,7 +95,7 @@ def main() -> int:
             async def make_aio() -> tuple[object, object]:
                 return (grpc.aio.insecure_channel(target,
                                                   options=[("grpc.enable_retries", 0)]),
-                        mesh.aio_grpc_channel("bench"))
+                        mesh.async_grpc_channel("bench"))
 
             aplain, amesh = loop.run_until_complete(make_aio())
             stubs["plain_aio"] = pb_grpc.TestServiceStub(aplain)

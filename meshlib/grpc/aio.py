@@ -2,7 +2,7 @@
 
 The asyncio twin of :mod:`meshlib.grpc.channel`: the same plan, retry and commit rules and
 telemetry, because both call :class:`meshlib.grpc.driver.CallDriver` (each call object here
-*is* one) and only wait differently (``await``). ``OrdersStub(mesh.aio_grpc_channel("orders"))``
+*is* one) and only wait differently (``await``). ``OrdersStub(mesh.async_grpc_channel("orders"))``
 returns calls that are awaitable (unary response) or async-iterable with ``read()`` (stream
 response), with ``write()`` / ``done_writing()`` for request streams and the async
 ``grpc.aio.Call`` accessors (``code()``, ``details()``, ``initial_metadata()``,
@@ -377,7 +377,7 @@ class StreamStream(_AioMultiCallable, grpc.aio.StreamStreamMultiCallable):
 
 
 class AioMeshChannel(MeshChannelBase, grpc.aio.Channel):
-    """A ``grpc.aio.Channel`` to one mesh service (``mesh.aio_grpc_channel("orders")``).
+    """A ``grpc.aio.Channel`` to one mesh service (``mesh.async_grpc_channel("orders")``).
 
     Create and use it on one event loop (grpc.aio channels belong to the loop that created
     them). Options as for :class:`meshlib.grpc.channel.MeshChannel`."""

@@ -2,7 +2,7 @@
 
 The interop-style cases (after grpc/grpc ``doc/interop-test-descriptions.md``) run as one
 table over both APIs: ``SyncClient`` drives ``mesh.grpc_channel`` directly, ``AioClient``
-drives ``mesh.aio_grpc_channel`` on an event loop thread, behind the same methods, so the two
+drives ``mesh.async_grpc_channel`` on an event loop thread, behind the same methods, so the two
 drivers are held to the same behaviour.
 """
 
@@ -158,7 +158,7 @@ class AioClient:
         self.thread.start()
 
         async def make() -> Any:
-            return mesh.aio_grpc_channel(SERVICE)
+            return mesh.async_grpc_channel(SERVICE)
 
         self.channel = self.run(make())
         self.stub = pb_grpc.TestServiceStub(self.channel)

@@ -86,7 +86,7 @@ class Client:
             self.thread.start()
 
             async def make() -> Any:
-                return mesh.aio_grpc_channel(service)
+                return mesh.async_grpc_channel(service)
 
             self.channel = self.run(make())
         else:

@@ -3,7 +3,7 @@
 Everything is real and in this process, on loopback: etcd (the session server, a prefix per
 test), ``chain-orders`` (Starlette behind ``MeshASGIMiddleware``, served by uvicorn in a
 thread) calling ``chain-ledger`` (a grpcio server behind ``MeshServerInterceptor``) through
-``mesh.aio_grpc_channel`` on uvicorn's event loop, each service found through etcd. The
+``mesh.async_grpc_channel`` on uvicorn's event loop, each service found through etcd. The
 OpenTelemetry SDK records into an ``InMemorySpanExporter``.
 
 Checked:
@@ -101,7 +101,7 @@ def orders_app(mesh: Mesh) -> Starlette:
     become 504 (deadline), 403 (denied) or 502."""
 
     async def order(request: Request) -> JSONResponse:
-        async with mesh.aio_grpc_channel(LEDGER) as channel:  # on uvicorn's loop
+        async with mesh.async_grpc_channel(LEDGER) as channel:  # on uvicorn's loop
             stub = pb_grpc.TestServiceStub(channel)
             action = request.query_params.get("action", "")
             try:
