@@ -1,14 +1,16 @@
 """Policy schema, parsing and validation; instance-record parsing.
 
 * :func:`parse_policy` / :func:`parse_policy_dict` -> :class:`Policy` (or :class:`PolicyError`)
-* :func:`load_policy_document`: YAML/JSON text -> raw mapping (syntax checks only)
-* :func:`merge_policy_dicts`: service policy deep-merged over the default policy
+* :func:`load_policy_document`: YAML/JSON text -> raw mapping (syntax checks only) and
+  :func:`merge_policy_dicts`: service policy deep-merged over the default policy
+  (:mod:`meshlib.config.documents`; the schema is :mod:`meshlib.config.policy`)
 * :func:`parse_instance_record` -> :class:`~meshlib.core.endpoints.Endpoint` (or
   :class:`RecordError`)
 * :func:`parse_duration` / :func:`format_duration` and the pydantic types :data:`Duration`,
   :data:`PositiveDuration`
 """
 
+from meshlib.config.documents import load_policy_document, merge_policy_dicts
 from meshlib.config.durations import (
     Duration,
     DurationError,
@@ -42,8 +44,6 @@ from meshlib.config.policy import (
     RouteMatch,
     Split,
     Subset,
-    load_policy_document,
-    merge_policy_dicts,
     parse_policy,
     parse_policy_dict,
 )

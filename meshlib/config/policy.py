@@ -23,18 +23,18 @@ are those of the systems operators know:
   5 consecutive 5xx, 10 s interval, 30 s base ejection up to 300 s, 10 % max (Envoy).
 * ``concurrency.max_requests`` 1024 (Envoy circuit-breaker thresholds).
 
-``docs/policy.md`` is the operator reference for every field.
+``docs/policy.md`` is the operator reference for every field. Decoding documents and
+merging the default policy with a service's lives in :mod:`meshlib.config.documents`
+(:func:`load_policy_document` and :func:`merge_policy_dicts` are re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -47,6 +47,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from meshlib.config.documents import kind_of, load_policy_document, merge_policy_dicts
 from meshlib.config.durations import Duration, PositiveDuration, format_duration
 from meshlib.config.errors import FieldError, PolicyError, field_errors_from_pydantic
 
@@ -562,103 +563,6 @@ DEFAULT_POLICY = Policy()
 # --------------------------------------------------------------------------- parsing
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-        except TypeError:
-            continue  # unhashable key: the base constructor reports it
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                f"found duplicate key {key!r}", key_node.start_mark,
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
-
-
-def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _load_document(text: str, key: str) -> Any:
-    """JSON first (it is what tools write), then YAML (what people write)."""
-    try:
-        return json.loads(text, object_pairs_hook=_json_pairs)
-    except ValueError as json_exc:
-        try:
-            return yaml.load(text, Loader=_StrictLoader)  # _StrictLoader is a SafeLoader
-        except yaml.YAMLError as yaml_exc:
-            looks_json = text.lstrip()[:1] in ("{", "[") and '"' in text
-            if looks_json and isinstance(json_exc, json.JSONDecodeError):
-                line = text.splitlines()[json_exc.lineno - 1] if text.splitlines() else ""
-                raise PolicyError(key, [FieldError(
-                    "", line.strip(), f"JSON syntax error: {json_exc}"
-                )]) from None
-            line, reason = _describe_yaml_error(yaml_exc, text)
-            raise PolicyError(key, [FieldError("", line, f"YAML syntax error: {reason}")]) from None
-
-
-def _describe_yaml_error(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
-    """(offending line, "problem at line L, column C") without PyYAML's snippet art."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    context = getattr(exc, "context", None)
-    if mark is None:
-        return "", " ".join(str(exc).split())
-    lines = text.splitlines()
-    line = lines[mark.line].strip() if 0 <= mark.line < len(lines) else ""
-    where = f"line {mark.line + 1}, column {mark.column + 1}"
-    reason = f"{problem} at {where}" + (f" ({context})" if context else "")
-    return line, reason
-
-
-def load_policy_document(data: bytes | str, key: str) -> dict[str, Any]:
-    """Decode a YAML or JSON policy document into its raw mapping, without validating the
-    schema (``{}`` for an empty document). This is the input :func:`merge_policy_dicts`
-    expects. Raises :class:`PolicyError` for bad UTF-8, a syntax error, a duplicate key or a
-    top level that is not a mapping."""
-    if isinstance(data, bytes | bytearray):
-        try:
-            text = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PolicyError(key, [FieldError(
-                "", bytes(data[max(0, exc.start - 10): exc.end + 10]),
-                f"not UTF-8 text: {exc.reason} at byte {exc.start}",
-            )]) from None
-    else:
-        text = data
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if not text.strip():
-        return {}
-    raw = _load_document(text, key)
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise PolicyError(key, [FieldError(
-            "", raw, f"top level must be a mapping of policy fields, got {_kind(raw)}"
-        )])
-    return dict(raw)
-
-
 def parse_policy(data: bytes | str, key: str) -> Policy:
     """Parse and validate a YAML or JSON policy document on its own (an empty document is
     the default policy).
@@ -673,56 +577,9 @@ def parse_policy_dict(raw: Any, key: str) -> Policy:
     """Validate already-decoded policy data (a mapping) into a :class:`Policy`."""
     if not isinstance(raw, Mapping):
         raise PolicyError(key, [FieldError(
-            "", raw, f"top level must be a mapping of policy fields, got {_kind(raw)}"
+            "", raw, f"top level must be a mapping of policy fields, got {kind_of(raw)}"
         )])
     try:
         return Policy.model_validate(dict(raw))
     except ValidationError as exc:
         raise PolicyError(key, field_errors_from_pydantic(exc, raw, Policy)) from None
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, int | float):
-        return "a number"
-    return type(value).__name__
-
-
-def merge_policy_dicts(
-    default_raw: Mapping[str, Any] | None, service_raw: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """Deep-merge a service policy over the default policy (raw, unvalidated data).
-
-    Mappings merge key by key, recursively; any other value in ``service_raw`` (lists,
-    scalars and explicit ``null``) replaces the default's. Neither input is modified.
-
-    >>> merge_policy_dicts({"retries": {"attempts": 2, "methods": ["GET"]}},
-    ...                    {"retries": {"methods": ["PUT"]}})
-    {'retries': {'attempts': 2, 'methods': ['PUT']}}
-    """
-    return _merge(default_raw or {}, service_raw or {})
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: _copy(v) for k, v in base.items()}
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = _copy(v)
-    return out
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_copy(v) for v in value]
-    return value

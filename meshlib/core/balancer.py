@@ -7,9 +7,9 @@ first use, a group: keys, weights, cumulative weights, per-endpoint load and hea
 and the algorithm's schedule (EDF heap, hash ring). A pick then does no dict lookups and
 allocates almost nothing.
 
-Per-endpoint load (in-flight count, peak-EWMA latency) lives in :class:`LoadStats`, keyed by
-``Endpoint.key`` and shared across snapshots, so it survives a snapshot swap; call
-:meth:`LoadStats.prune` with the new key set to forget endpoints that left. Health (breaker
+Per-endpoint load (in-flight count, peak-EWMA latency) lives in
+:class:`~meshlib.core.load.LoadStats` (:mod:`meshlib.core.load`), zone preference in
+:class:`~meshlib.core.zones.ZoneFilter` (:mod:`meshlib.core.zones`); both are re-exported here. Health (breaker
 open, ejected) is read from the optional health registry's slots (``blocked_until``, see
 :mod:`meshlib.core.health`): unusable endpoints are skipped like excluded ones.
 
@@ -64,10 +64,12 @@ import math
 import random
 import threading
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from meshlib.core.endpoints import Endpoint
+from meshlib.core.endpoints import Endpoint, endpoint_key
+from meshlib.core.load import LoadSlot, LoadStats
+from meshlib.core.zones import ZoneFilter
 
 __all__ = [
     "EMPTY",
@@ -89,128 +91,11 @@ __all__ = [
 EMPTY: frozenset[str] = frozenset()
 
 
-def endpoint_key(ep: Endpoint) -> str:
-    """The identity used for per-endpoint state: ``Endpoint.key`` (the etcd key), or a
-    stand-in built from service, instance id and address when it is empty."""
-    return ep.key or f"{ep.service}/{ep.instance_id}@{ep.address}:{ep.port}"
-
-
 def hash64(data: str | bytes) -> int:
     """Stable 64-bit hash (blake2b, 8-byte digest) used for the hash ring."""
     if isinstance(data, str):
         data = data.encode()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
-# --------------------------------------------------------------------------- load stats
-
-
-class LoadSlot:
-    """Load state of one endpoint: requests in flight and the peak-EWMA RTT estimate."""
-
-    __slots__ = ("key", "in_flight", "ewma", "stamp")
-
-    def __init__(self, key: str, ewma: float, stamp: float) -> None:
-        self.key = key
-        self.in_flight = 0
-        self.ewma = ewma
-        self.stamp = stamp
-
-    def __repr__(self) -> str:
-        return f"LoadSlot({self.key!r}, in_flight={self.in_flight}, ewma={self.ewma:.6f})"
-
-
-class LoadStats:
-    """Per-endpoint load, keyed by endpoint key, shared by every balancer of a service.
-
-    Call side::
-
-        start = stats.start(ep)            # in_flight += 1, returns the start time
-        ...                                # the attempt
-        stats.finish(ep, start, now(), ok)  # in_flight -= 1, RTT sample
-    """
-
-    def __init__(
-        self, now: Callable[[], float], default_rtt: float = 0.03, decay: float = 10.0
-    ) -> None:
-        self._now = now
-        self._slots: dict[str, LoadSlot] = {}
-        #: endpoint key -> slot (read-only for callers: the call plan's inlined fast path)
-        self.slots = self._slots
-        self.default_rtt = default_rtt
-        self.decay = decay
-        #: RTT samples feed the peak-EWMA estimate; only ``peak_ewma`` reads it, so the
-        #: destination turns sampling off for the other balancers (no per-call exp()).
-        self.track_latency = True
-
-    def configure(self, default_rtt: float, decay: float) -> None:
-        """Apply new ``load_balancer.ewma`` settings (existing estimates are kept)."""
-        self.default_rtt = default_rtt
-        self.decay = decay
-
-    def slot(self, key: str) -> LoadSlot:
-        """The slot for ``key``, created on first use."""
-        s = self._slots.get(key)
-        if s is None:
-            s = self._slots.setdefault(key, LoadSlot(key, self.default_rtt, self._now()))
-        return s
-
-    def get(self, key: str) -> LoadSlot | None:
-        return self._slots.get(key)
-
-    def keys(self) -> frozenset[str]:
-        return frozenset(self._slots)
-
-    def prune(self, alive: Iterable[str]) -> list[str]:
-        """Forget endpoints whose key is not in ``alive``; returns the removed keys."""
-        keep = set(alive)
-        gone = [k for k in list(self._slots) if k not in keep]
-        for k in gone:
-            self._slots.pop(k, None)
-        return gone
-
-    def start(self, ep: Endpoint, now: float | None = None) -> float:
-        """An attempt to ``ep`` starts (at ``now``, read from the clock when not given):
-        returns its start time for :meth:`finish`."""
-        key = ep.key or endpoint_key(ep)
-        s = self._slots.get(key)
-        if s is None:
-            s = self.slot(key)
-        s.in_flight += 1
-        return self._now() if now is None else now
-
-    def finish(self, ep: Endpoint, start: float, now: float, ok: bool) -> None:
-        """An attempt to ``ep`` ended at ``now``: one fewer in flight, and (when a latency
-        aware balancer is in use, ``track_latency``) an RTT sample."""
-        s = self._slots.get(ep.key or endpoint_key(ep))
-        if s is None:
-            return  # pruned while the attempt was in flight
-        if s.in_flight > 0:
-            s.in_flight -= 1
-        if self.track_latency:
-            self.observe(s, now - start, now, ok)
-
-    def observe(self, s: LoadSlot, rtt: float, now: float, ok: bool = True) -> None:
-        """Peak-EWMA update (Finagle ``PeakEwma``, Linkerd)."""
-        if rtt < 0:
-            rtt = 0.0
-        prev = s.ewma
-        if not ok and rtt < prev:
-            rtt = prev  # a fast failure must not make the endpoint look fast
-        if rtt > prev:
-            s.ewma = rtt
-        else:
-            elapsed = now - s.stamp
-            w = math.exp(-elapsed / self.decay) if elapsed > 0 else 1.0
-            s.ewma = prev * w + rtt * (1.0 - w)
-        s.stamp = now
-
-    def cost(self, s: LoadSlot, now: float) -> float:
-        """Peak-EWMA cost: the estimate decayed by time since its last sample, times
-        ``in_flight + 1``."""
-        elapsed = now - s.stamp
-        est = s.ewma * math.exp(-elapsed / self.decay) if elapsed > 0 else s.ewma
-        return est * (s.in_flight + 1)
 
 
 # --------------------------------------------------------------------------- groups
@@ -512,67 +397,6 @@ class RingHash(Balancer):
             if _ok(g, i, exclude, t):
                 return i
         return None
-
-
-# --------------------------------------------------------------------------- zones
-
-
-class ZoneFilter:
-    """Prefer the caller's zone while enough of it is usable.
-
-    ``select(candidates)`` returns the local-zone share of ``candidates`` (a tuple computed
-    once per candidate tuple) when at least ``min_zone_healthy_percent`` % of it is usable
-    and at least one is, else ``candidates``.
-    """
-
-    _MAX_CACHE = 64
-
-    def __init__(
-        self,
-        local_zone: str | None,
-        min_zone_healthy_percent: float,
-        health: Any | None = None,
-        *,
-        enabled: bool = True,
-    ) -> None:
-        self.local_zone = local_zone
-        self.min_percent = min_zone_healthy_percent
-        self.health = health
-        self.enabled = enabled and local_zone is not None
-        self._cache: dict[int, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...], Any]] = {}
-
-    def _local(self, candidates: tuple[Endpoint, ...]) -> tuple[tuple[Endpoint, ...], Any]:
-        hit = self._cache.get(id(candidates))
-        if hit is not None and hit[0] is candidates:
-            return hit[1], hit[2]
-        local = tuple(e for e in candidates if e.zone == self.local_zone)
-        slots = (
-            None if self.health is None
-            else tuple(self.health.slot(endpoint_key(e)) for e in local)
-        )
-        if len(self._cache) >= self._MAX_CACHE:
-            self._cache.clear()
-        self._cache[id(candidates)] = (candidates, local, slots)
-        return local, slots
-
-    def select(
-        self, candidates: tuple[Endpoint, ...], now: float = 0.0
-    ) -> tuple[Endpoint, ...]:
-        if not self.enabled or not candidates:
-            return candidates
-        local, slots = self._local(candidates)
-        if not local or len(local) == len(candidates):
-            return candidates
-        if slots is None:
-            healthy = len(local)
-        else:
-            healthy = 0
-            for s in slots:
-                if s.blocked_until <= now:
-                    healthy += 1
-        if healthy and healthy * 100 >= self.min_percent * len(local):
-            return local
-        return candidates
 
 
 # --------------------------------------------------------------------------- factory

@@ -62,6 +62,12 @@ class Endpoint:
         return rec
 
 
+def endpoint_key(ep: Endpoint) -> str:
+    """The identity used for per-endpoint state: ``Endpoint.key`` (the etcd key), or a
+    stand-in built from service, instance id and address when it is empty."""
+    return ep.key or f"{ep.service}/{ep.instance_id}@{ep.address}:{ep.port}"
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceSnapshot:
     """Everything the call path needs to know about one destination service.

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from meshlib.core.endpoints import Endpoint
+from meshlib.core.endpoints import Endpoint, endpoint_key
 from meshlib.core.outcome import (
     Outcome,
     counts_as_5xx_for_outlier,
@@ -170,9 +170,7 @@ class HealthSlot:
 
 
 def _key(ep: Endpoint | str) -> str:
-    if isinstance(ep, str):
-        return ep
-    return ep.key or f"{ep.service}/{ep.instance_id}@{ep.address}:{ep.port}"
+    return ep if isinstance(ep, str) else endpoint_key(ep)
 
 
 class HealthRegistry:
