@@ -199,3 +199,87 @@ class RawUpstream:
     def stop(self) -> None:
         self.alive = False
         self.sock.close()
+
+
+class RacingUpstream(RawUpstream):
+    """Keep-alive race: answers the first request of each connection (keep-alive, no
+    ``Connection: close``), then reads the second request and closes without answering,
+    the way a server whose idle timeout fires as a request arrives does."""
+
+    def _conn(self, conn: socket.socket) -> None:
+        buf = b""
+        served = 0
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    self.heads.append(head)
+                    self.count += 1
+                    if served:
+                        return  # closed under the reused connection
+                    served += 1
+                    conn.sendall(self.reply)
+
+
+class SimpleApp:
+    """An HTTP/1.1 app on a fixed loopback port (0 = any) that answers ``200 name`` after
+    ``delay`` seconds; :meth:`stop` and :meth:`start` restart it on the same port."""
+
+    def __init__(self, name: str, port: int = 0, delay: float = 0.0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.name = name
+        self.delay = delay
+        self.count = 0
+        self.status = 200
+        app = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    self.rfile.read(length)
+                app.count += 1
+                if app.delay:
+                    time.sleep(app.delay)
+                body = app.name.encode()
+                self.send_response(app.status)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET  # noqa: N815
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server_cls = Server
+        self._handler = Handler
+        self.server: Any = None
+        self.port = port
+        self.start()
+
+    def start(self) -> None:
+        self.server = self._server_cls(("127.0.0.1", self.port), self._handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
