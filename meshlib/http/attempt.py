@@ -14,6 +14,8 @@ from typing import Any, Final
 
 import httpx
 
+from meshlib.config.policy import IDEMPOTENT_METHODS
+
 # current_deadline and CALLER_HEADER live in meshlib.context (shared with meshlib.server);
 # re-exported here for the transports and meshlib.grpc.
 from meshlib.context import CALLER_HEADER as CALLER_HEADER
@@ -28,7 +30,7 @@ from meshlib.core.outcome import (
     Outcome,
     classify_http,
 )
-from meshlib.core.retry import parse_retry_after
+from meshlib.core.retry import FailReason, parse_retry_after
 from meshlib.http.errors import BY_FAILURE, RetryBudgetExhaustedError
 from meshlib.telemetry.recorders import error_type_of
 
@@ -120,7 +122,7 @@ def finish(request: httpx.Request, route: Any, end: CallEnd, span: Any,
     """Record the logical request, then return its response or raise its error."""
     recorder = route.recorder
     try:
-        response = _outcome(request, route.service, end)
+        response = _outcome(request, route, end)
     except httpx.HTTPError as exc:
         failure = end.failure
         if failure in _NO_USABLE_ENDPOINT:
@@ -140,8 +142,9 @@ def finish(request: httpx.Request, route: Any, end: CallEnd, span: Any,
 _NO_USABLE_ENDPOINT = frozenset({FailureKind.NO_ENDPOINTS, FailureKind.CIRCUIT_OPEN})
 
 
-def _outcome(request: httpx.Request, service: str, end: CallEnd) -> httpx.Response:
+def _outcome(request: httpx.Request, route: Any, end: CallEnd) -> httpx.Response:
     """Turn the call's end into the response to return or the exception to raise."""
+    service = route.service
     if end.failure is not None:
         if end.failure == FailureKind.FAULT_ABORT:
             return httpx.Response(
@@ -165,6 +168,44 @@ def _outcome(request: httpx.Request, service: str, end: CallEnd) -> httpx.Respon
                 f"exhausted ({end.attempts} attempt(s))",
                 service=service, request=request,
             ) from value
-        value.add_note(f"meshlib: service {service!r}, {end.attempts} attempt(s)")
+        note = f"meshlib: service {service!r}, {end.attempts} attempt(s)"
+        why = not_retried(request, service, end, route.dest.plan().retry)
+        value.add_note(f"{note}; {why}" if why else note)
         raise value
     return value  # type: ignore[no-any-return]
+
+
+def not_retried(request: httpx.Request, service: str, end: CallEnd, retry: Any) -> str | None:
+    """Why a call that failed without a response was not retried (again), and how to opt in,
+    for the note on the re-raised httpx error. ``retry`` is the plan's
+    :class:`~meshlib.core.retry.RetryPolicy`; ``end.stopped`` the :class:`FailReason`."""
+    stopped = end.stopped
+    policy = f"the policy of {service!r}"
+    if stopped == FailReason.NOT_IDEMPOTENT:
+        method = request.method.upper()
+        if method in IDEMPOTENT_METHODS:
+            return (f"not retried: {method} is not in retries.methods of {policy} "
+                    "(docs/policy.md)")
+        why = (f"not retried: {method} is not idempotent (RFC 9110 9.2.2) and the request "
+               "may have reached the service")
+        if method != "POST":
+            return f"{why}; only failures to connect are retried for it"
+        has_key = "idempotency-key" in request.headers
+        if retry.allow_post_with_idempotency_key:
+            return (f"{why}; {policy} retries a POST only when it carries an Idempotency-Key "
+                    "header")
+        if has_key:
+            return (f"{why}; to retry a POST that carries an Idempotency-Key header, set "
+                    f"retries.allow_post_with_idempotency_key: true in {policy} "
+                    "(docs/policy.md)")
+        return (f"{why}; to allow retrying it, send an Idempotency-Key header and set "
+                f"retries.allow_post_with_idempotency_key: true in {policy} (docs/policy.md)")
+    if stopped == FailReason.NOT_REPLAYABLE:
+        return ("not retried: the request body is a stream, which is sent only once (pass "
+                "it as bytes, e.g. content=b'...', to allow retries)")
+    if stopped == FailReason.ATTEMPTS_EXHAUSTED:
+        return f"retries.attempts of {policy} used up"
+    if stopped is None and end.result is not None:
+        return (f"not retried: retries.retry_on of {policy} does not select this failure "
+                f"({end.result.outcome.value})")
+    return None

@@ -6,7 +6,8 @@ keep-alive, ``content-length`` on every answer) whose behaviour a test switches 
 * ``"ok"``: 200 with the instance name as the body;
 * ``"503"``: 503, with ``Retry-After`` when ``retry_after`` is set;
 * ``"hang"``: read the request and never answer (until :meth:`Upstream.release` or teardown);
-* ``"close"``: read the request, then close the connection without answering.
+* ``"close"``: read the request, then close the connection without answering (a FIN);
+* ``"reset"``: read the request, then reset the connection (``SO_LINGER`` 0: an RST).
 
 Every request is counted and recorded (method, path, headers, body; chunked request bodies are
 decoded), so tests assert on what the server really received. :meth:`Upstream.kill` stops the
@@ -24,6 +25,7 @@ import asyncio
 import concurrent.futures
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,7 +38,7 @@ import httpx
 from meshlib.discovery.registration import Registration
 from meshlib.mesh import Mesh
 
-MODES = ("ok", "503", "hang", "close")
+MODES = ("ok", "503", "hang", "close", "reset")
 
 
 @dataclass
@@ -107,6 +109,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if mode == "close":
             self.close_connection = True
+            return
+        if mode == "reset":
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.connection.close()  # with linger 0: an RST, no FIN
             return
         if mode == "503":
             self._answer(503, f"{up.name} unavailable".encode(),

@@ -5,7 +5,13 @@ each accepted connection it plays one list of :class:`Reply` steps: read one req
 exact bytes are recorded), write the reply's bytes in the given TCP segments with a pause
 between them (``TCP_NODELAY``, so they really leave as separate segments), then close or
 keep the connection. After its last step a kept connection is drained until the client
-closes it, which is recorded too, so tests can assert "the client closed / kept it".
+closes it, which is recorded too, so tests can assert "the client closed / kept it". A write
+that can make no progress for ``_BLOCKED`` seconds (the client is not reading and the socket
+buffers are full) is recorded in ``send_blocked``.
+
+Tests wait for events (a server-side state, or the client's view of an idle connection),
+never for a fixed time: a check of something that must *not* happen is made only once the
+event that would have caused it has happened.
 
 Every case runs against both pools through a tiny adapter (``pool`` fixture) and reads the
 body the way users do (``Response.read``/``aread``, ``iter_bytes``/``aiter_bytes``).
@@ -29,6 +35,7 @@ from meshlib.http._async.pool import AsyncPool
 from meshlib.http._sync.pool import SyncPool
 
 TIMEOUTS: dict[str, float | None] = {"connect": 2.0, "read": 2.0, "write": 2.0}
+_BLOCKED = 0.2  # seconds without progress after which a server write counts as blocked
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 # --------------------------------------------------------------------------- the server
@@ -119,6 +126,7 @@ class ScriptedServer:
         self.client_closed: set[int] = set()  # connections the client closed
         self.server_closed: set[int] = set()  # connections the server closed by script
         self.replies_sent = 0  # steps whose segments were all written
+        self.send_blocked: set[int] = set()  # connections whose writes stalled (see _send)
         self.changed = threading.Condition()
         self._lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
         self.port = self._lsock.getsockname()[1]
@@ -157,7 +165,7 @@ class ScriptedServer:
                 for n, seg in enumerate(step.segments):
                     if n and step.pause:
                         time.sleep(step.pause)
-                    sock.sendall(seg)
+                    self._send(sock, seg, index)
                 with self.changed:
                     self.replies_sent += 1
                 if step.close:
@@ -181,6 +189,27 @@ class ScriptedServer:
                 self._note(self.client_closed, index)
         finally:
             sock.close()
+
+    def _send(self, sock: socket.socket, data: bytes, index: int) -> None:
+        """``sendall``, noting in ``send_blocked`` when no byte could be written for
+        ``_BLOCKED`` seconds (gives up, like the 10 s socket timeout, after 10 s)."""
+        view = memoryview(data)
+        stalled = 0.0
+        sock.settimeout(_BLOCKED)
+        try:
+            while view:
+                try:
+                    n = sock.send(view)
+                except TimeoutError:
+                    self._note(self.send_blocked, index)
+                    stalled += _BLOCKED
+                    if stalled >= 10:
+                        raise
+                    continue
+                view = view[n:]
+                stalled = 0.0
+        finally:
+            sock.settimeout(10)
 
     def _note(self, which: set[int], index: int) -> None:
         with self.changed:
@@ -272,6 +301,12 @@ class SyncAdapter:
     def idle(self) -> int:
         return self.pool.idle_count()
 
+    def idle_connections(self) -> list[Any]:
+        return [c for stack in self.pool._idle.values() for c in stack]
+
+    async def until_body_buffered(self, resp: httpx.Response) -> None:
+        """Nothing to wait for: a blocking connection reads only when asked to."""
+
     async def shutdown(self) -> None:
         self.pool.close()
 
@@ -316,6 +351,14 @@ class AsyncAdapter(SyncAdapter):
             await asyncio.sleep(0)
             yield p
 
+    async def until_body_buffered(self, resp: httpx.Response, timeout: float = 3.0) -> None:
+        """Wait until the protocol, with nobody reading, buffered enough to pause reading."""
+        conn = resp.stream.conn  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout
+        while not conn.reading_paused:
+            assert time.monotonic() < deadline, f"reading never paused ({len(conn.buf)} bytes)"
+            await asyncio.sleep(0.005)
+
     async def shutdown(self) -> None:
         await self.pool.aclose()  # type: ignore[attr-defined]
 
@@ -340,9 +383,14 @@ def pool(make):
     return make()
 
 
-async def settle() -> None:
-    """Let a FIN from the server reach the client (and the event loop see it)."""
-    await asyncio.sleep(0.05)
+async def until_no_usable_idle(pool: SyncAdapter, timeout: float = 3.0) -> None:
+    """Wait until the client sees that none of its idle connections can be reused (the
+    server's FIN or stray bytes reached it: the event loop ran ``eof_received`` /
+    ``data_received``, or the blocking socket's peek sees them)."""
+    deadline = time.monotonic() + timeout
+    while any(c.usable() for c in pool.idle_connections()):
+        assert time.monotonic() < deadline, "the client never saw its idle connection die"
+        await asyncio.sleep(0.005)
 
 
 # --------------------------------------------------------------------------- bodies
@@ -420,7 +468,8 @@ async def test_bytes_after_a_complete_body_make_the_connection_unusable(pool, se
     # reusable (bytes pending), and the first body is unaffected.
     resp = await pool.request(server.port)
     assert await pool.read(resp) == b"wikipedia in chunks"
-    await settle()
+    await server.until(lambda: server.replies_sent == 2)
+    await until_no_usable_idle(pool)
     resp2 = await pool.request(server.port)
     assert pool.opened == 2
     await pool.close(resp2)
@@ -524,7 +573,7 @@ async def test_idle_connection_closed_by_server_is_replaced(pool, serve):
     assert await pool.read(resp) == b"hello"
     assert pool.idle() == 1  # nothing in the response said close
     await server.until(lambda: 0 in server.server_closed)
-    await settle()
+    await until_no_usable_idle(pool)
     resp2 = await pool.request(server.port)  # no error: the dead one is detected and dropped
     assert await pool.read(resp2) == b"hello"
     assert pool.opened == 2 and server.accepted == 2
@@ -747,15 +796,17 @@ async def test_large_in_memory_body(pool, serve):
 
 async def test_a_slow_reader_holds_the_server_back(pool, serve):
     # 32 MiB is far more than the loopback socket buffers hold: while the user has read
-    # only the first chunk, the server must still be blocked in sendall (the client does
-    # not buffer the rest of the body in memory), and the body completes once read.
+    # only the first chunk, the server's writes must stall (the client does not buffer the
+    # rest of the body in memory: at most its read buffer), and the body completes once read.
+    # A client that swallowed the body would never make the server stall: the wait fails.
     body = bytes(range(256)) * (32 * 4096)
     server = serve([Reply([length_response(body)])])
     resp = await pool.request(server.port)
     chunks = resp.aiter_raw() if pool.kind == "async" else resp.iter_raw()
     first = await chunks.__anext__() if pool.kind == "async" else next(chunks)  # type: ignore
-    await asyncio.sleep(0.3)
-    assert server.replies_sent == 0, "the client swallowed a 32 MiB body nobody reads"
+    await server.until(lambda: 0 in server.send_blocked)
+    assert server.replies_sent == 0
+    assert len(resp.stream.conn.buf) <= 2 << 20  # type: ignore[attr-defined]
     rest = [c async for c in chunks] if pool.kind == "async" else list(chunks)  # type: ignore
     assert first + b"".join(rest) == body
     assert pool.idle() == 1
@@ -767,11 +818,11 @@ async def test_server_close_after_a_large_body_is_still_detected_when_idle(pool,
     body = b"z" * ((1 << 20) + 100)
     server = serve([Reply([length_response(body)], close=True)], [Reply([OK])])
     resp = await pool.request(server.port)
-    await asyncio.sleep(0.2)
+    await pool.until_body_buffered(resp)
     assert await pool.read(resp) == body
     assert pool.idle() == 1
     await server.until(lambda: 0 in server.server_closed)
-    await settle()
+    await until_no_usable_idle(pool)
     resp2 = await pool.request(server.port)
     assert await pool.read(resp2) == b"hello"
     assert pool.opened == 2

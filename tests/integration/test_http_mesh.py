@@ -237,6 +237,36 @@ def test_post_is_not_retried_once_sent(mesh, fleet, client):
     assert total(ups) == 5
 
 
+def test_post_reset_is_not_retried_and_the_error_says_why(mesh, fleet, client):
+    ups = [fleet.add("a", mode="reset"), fleet.add("b", mode="reset")]
+    wait_endpoints(mesh, SVC, 2)
+    base = {"circuit_breaker": NO_BREAKER, "outlier_detection": NO_OUTLIER}
+    set_policy(mesh, SVC, policy(**base))
+    with pytest.raises(httpx.ReadError) as err:  # the server read the request, then an RST
+        client.request("POST", URL, content=b"pay 10")
+    assert total(ups) == 1
+    assert err.value.__notes__ == [
+        f"meshlib: service '{SVC}', 1 attempt(s); not retried: POST is not idempotent "
+        "(RFC 9110 9.2.2) and the request may have reached the service; to allow retrying "
+        "it, send an Idempotency-Key header and set retries.allow_post_with_idempotency_key: "
+        f"true in the policy of '{SVC}' (docs/policy.md)"]
+    # following the advice: the keyed POST is retried (3 attempts), and the note says so
+    set_policy(mesh, SVC, policy(retries={"allow_post_with_idempotency_key": True}, **base))
+    with pytest.raises(httpx.ReadError) as err:
+        client.request("POST", URL, content=b"pay 10", headers={"Idempotency-Key": "k-1"})
+    assert total(ups) == 4
+    assert err.value.__notes__ == [
+        f"meshlib: service '{SVC}', 3 attempt(s); retries.attempts of the policy of '{SVC}' "
+        "used up"]
+    # the policy allows it, but this POST has no key
+    with pytest.raises(httpx.ReadError) as err:
+        client.request("POST", URL, content=b"pay 10")
+    assert total(ups) == 5
+    assert err.value.__notes__[0].endswith(
+        f"the policy of '{SVC}' retries a POST only when it carries an Idempotency-Key header")
+    assert all(r.method == "POST" and r.body == b"pay 10" for u in ups for r in u.received)
+
+
 def test_post_that_never_reached_an_instance_is_retried(mesh, fleet, client):
     dead, good = fleet.add("dead"), fleet.add("good")
     wait_endpoints(mesh, SVC, 2)

@@ -53,6 +53,7 @@ class AsyncConnection(asyncio.Protocol):
         self.paused = False  # the transport's write buffer is over its high-water mark
         self.reading_paused = False  # more than _READ_HIGH bytes buffered
         self.drained: asyncio.Future[Any] | None = None
+        self.error: BaseException | None = None  # why the connection was lost (a reset)
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -74,7 +75,12 @@ class AsyncConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.eof = True
+        # A clean close is EOF; a reset is an error the next read raises, as ``recv`` does
+        # in the blocking twin (so both raise ``ReadError`` for it, not "disconnected").
+        if exc is None:
+            self.eof = True
+        else:
+            self.error = exc
         self._wake()
         self.resume_writing()
 
@@ -97,8 +103,8 @@ class AsyncConnection(asyncio.Protocol):
     def usable(self) -> bool:
         """Whether an idle connection can carry the next request."""
         t = self.transport
-        return (self.reusable and not self.eof and not self.buf and t is not None
-                and not t.is_closing())
+        return (self.reusable and not self.eof and not self.buf and self.error is None
+                and t is not None and not t.is_closing())
 
     def park(self) -> bool:
         """Prepare to sit idle in the pool (False: cannot be kept). An idle connection must
@@ -117,20 +123,28 @@ class AsyncConnection(asyncio.Protocol):
             await self.drain(timeout)
 
     async def fill(self, timeout: float | None) -> None:
-        """Wait for more bytes or EOF, at most ``timeout`` seconds."""
+        """Wait for more bytes or EOF, at most ``timeout`` seconds. A connection lost with an
+        error (a reset) and no new bytes raises ``ReadError``, as ``recv`` does for the
+        blocking twin."""
         if self.reading_paused:
             self.resume()
-        w = self.waiter = self.loop.create_future()
-        if timeout is None:
-            await w
-            return
-        handle = self.loop.call_later(timeout, _expire, w)
-        try:
-            await w
-        finally:
-            handle.cancel()
-        if w.result() is _TIMED_OUT:
-            raise httpx.ReadTimeout(f"no response data within {timeout}s")
+        if self.error is None:
+            have = len(self.buf)
+            w = self.waiter = self.loop.create_future()
+            if timeout is None:
+                await w
+            else:
+                handle = self.loop.call_later(timeout, _expire, w)
+                try:
+                    await w
+                finally:
+                    handle.cancel()
+                if w.result() is _TIMED_OUT:
+                    raise httpx.ReadTimeout(f"no response data within {timeout}s")
+            if self.error is None or len(self.buf) != have:
+                return
+        raise httpx.ReadError(
+            f"read from {self.key[0]}:{self.key[1]} failed: {self.error}") from self.error
 
     def resume(self) -> None:
         self.reading_paused = False
