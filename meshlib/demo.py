@@ -118,8 +118,10 @@ def run_instance(etcd: str, name: str, version: str) -> None:
         shutdown()
 
     def lifeline() -> None:
-        """Stop when the demo's end of our stdin closes: the demo exited, however it died."""
-        while sys.stdin.buffer.read(4096):
+        """Stop when the demo's end of our stdin closes: the demo exited, however it died.
+        (``os.read`` on the descriptor, not ``sys.stdin``: a daemon thread blocked inside a
+        buffered reader aborts the interpreter at exit, "could not acquire lock".)"""
+        while os.read(0, 4096):
             pass
         shutdown()
 
@@ -234,7 +236,9 @@ class Demo:
         deadline = time.monotonic() + timeout
         for proc in procs:
             try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
+                status = proc.wait(max(0.0, deadline - time.monotonic()))
+                if status != 0:
+                    _say(f"pid {proc.pid} exited abnormally (status {status})")
             except subprocess.TimeoutExpired:
                 _say(f"pid {proc.pid} did not stop within {timeout:.0f}s: SIGKILL")
                 os.killpg(proc.pid, signal.SIGKILL)

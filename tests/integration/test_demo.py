@@ -115,6 +115,7 @@ def test_demo_runs_its_scenario_with_zero_failed_calls(tmp_path, children):
     assert total and int(total.group(1)) > 500 and total.group(2) == "0", out[-2000:]
     assert "refused" in out.lower(), "the bad policy step should say it was refused"
     assert "all processes stopped" in out
+    assert not re.search(r"abnormally|did not stop|Traceback|Fatal Python error", out), out
     assert len(children) == 6, out  # etcd and hello-a..e
     assert children.alive() == []  # the demo waited for every child before it exited
 
@@ -129,6 +130,8 @@ def test_a_signal_stops_everything_and_leaves_no_process(tmp_path, children, sig
     out = "".join(seen) + rest
     assert f"interrupted ({sig.name})" in out and "all processes stopped" in out, out[-2000:]
     assert proc.returncode == 128 + sig, out[-2000:]
+    # every instance stopped cleanly (exit status 0, no crash at interpreter exit)
+    assert not re.search(r"abnormally|did not stop|Traceback|Fatal Python error", out), out
     assert children.alive() == [], out[-2000:]  # at once: the demo reaped them before exiting
 
 
