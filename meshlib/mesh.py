@@ -491,6 +491,11 @@ class Mesh:
         """Whether ``close()`` (or ``aclose()``) has started."""
         return self._closed
 
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return (f"<Mesh etcd={','.join(self.etcd_endpoints)} prefix={self.layout.prefix!r} "
+                f"service={self.service!r}{state}>")
+
     def __enter__(self) -> Mesh:
         return self
 

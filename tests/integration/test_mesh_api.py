@@ -35,7 +35,7 @@ async def test_async_with_deregisters_on_exit(etcd, prefix):
         async with Mesh(etcd.endpoint, prefix=prefix) as mesh:
             reg = mesh.register("tidy", 7100, ttl=30)
             assert observer.client.get(reg.key) is not None
-        assert mesh.closed
+        assert mesh.closed and repr(mesh).endswith("service=None closed>")
         # TTL 30 s: the record is gone now only because aclose revoked the lease.
         assert observer.client.get(reg.key) is None
 
