@@ -178,7 +178,8 @@ def _outcome(request: httpx.Request, route: Any, end: CallEnd) -> httpx.Response
 def not_retried(request: httpx.Request, service: str, end: CallEnd, retry: Any) -> str | None:
     """Why a call that failed without a response was not retried (again), and how to opt in,
     for the note on the re-raised httpx error. ``retry`` is the plan's
-    :class:`~meshlib.core.retry.RetryPolicy`; ``end.stopped`` the :class:`FailReason`."""
+    :class:`~meshlib.core.retry.RetryPolicy`; ``end.stopped`` the :class:`FailReason`. Reads
+    only ``request.method`` (the shim hands :func:`finish` a method-only request)."""
     stopped = end.stopped
     policy = f"the policy of {service!r}"
     if stopped == FailReason.NOT_IDEMPOTENT:
@@ -190,14 +191,9 @@ def not_retried(request: httpx.Request, service: str, end: CallEnd, retry: Any) 
                "may have reached the service")
         if method != "POST":
             return f"{why}; only failures to connect are retried for it"
-        has_key = "idempotency-key" in request.headers
-        if retry.allow_post_with_idempotency_key:
+        if retry.allow_post_with_idempotency_key:  # so this POST had no key
             return (f"{why}; {policy} retries a POST only when it carries an Idempotency-Key "
                     "header")
-        if has_key:
-            return (f"{why}; to retry a POST that carries an Idempotency-Key header, set "
-                    f"retries.allow_post_with_idempotency_key: true in {policy} "
-                    "(docs/policy.md)")
         return (f"{why}; to allow retrying it, send an Idempotency-Key header and set "
                 f"retries.allow_post_with_idempotency_key: true in {policy} (docs/policy.md)")
     if stopped == FailReason.NOT_REPLAYABLE:
