@@ -1,4 +1,5 @@
-"""``meshlib shim`` / ``python -m meshlib.shim``: run the shim, or wait for one.
+"""``meshlib shim`` / ``python -m meshlib.shim``: run the shim, or wait for one
+(``meshlib await`` is ``--wait``).
 
 ``--wait [-- CMD ARGS]`` does not start a shim: it polls ``/ready`` on the admin port of the
 shim started beside it until it answers 200 (at most ``--wait-timeout`` seconds), then runs
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command[1:]
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(cfg.log_level.upper())  # also under ``meshlib shim``
     if ns.wait:
         return run_wait(cfg, ns.wait_timeout, command)
     if command:

@@ -131,7 +131,7 @@ def test_post_shutdown_for_batch_jobs(etcd_server, mmesh):
 def test_wait_holds_the_app_until_ready(etcd_server, mmesh):
     admin = free_port()
     waiter = subprocess.Popen(
-        [sys.executable, "-m", "meshlib.shim", "--wait", "--admin-port", str(admin),
+        [sys.executable, "-m", "meshlib.cli", "await", "--admin-port", str(admin),
          "--wait-timeout", "20", "--", sys.executable, "-c", "print('app started')"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
