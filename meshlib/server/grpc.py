@@ -104,10 +104,15 @@ def _outcome(context: Any, exc: BaseException | None, active: bool = True
 
 
 class _Call:
-    """One inbound RPC: identity, span, deadline and the once-only recording."""
+    """One inbound RPC: identity, span, deadline and the once-only recording.
 
-    __slots__ = ("caller", "deadline", "done", "lock", "metadata", "method", "owner", "service",
-                 "span", "start")
+    ``with call:`` runs a piece of the handler (the whole unary handler, or one ``next()`` of
+    a sync response stream) with the call's deadline and span current; leaving it records
+    the call when it ended: with the status the wrapper set in ``result`` (the handler
+    returned, the stream ended), or with the status an exception gives (:func:`_outcome`)."""
+
+    __slots__ = ("caller", "context", "deadline", "done", "lock", "metadata", "method", "owner",
+                 "result", "service", "span", "start", "token")
 
     def __init__(self, owner: _Interceptor, full_method: str, metadata: Any) -> None:
         self.owner = owner
@@ -119,10 +124,15 @@ class _Call:
         self.deadline: Deadline | None = None
         self.done = False
         self.lock = threading.Lock()
+        self.context: Any = None
+        self.token: Any = None
+        #: The end status, set by the wrapper when the handler (or stream) ended normally.
+        self.result: tuple[Any, str | None] | None = None
 
     def begin(self, context: Any) -> tuple[grpc.StatusCode, str] | None:
         """Start the span and check access and deadline; a status to abort with, or None."""
         self.start = perf_counter()
+        self.context = context
         owner = self.owner
         self.caller = caller = caller_identity(
             _metadata_value(self.metadata, CALLER_KEY), _tls_peer(context)
@@ -141,15 +151,20 @@ class _Call:
             self.deadline = Deadline(time.monotonic() + remaining)
         return None
 
-    def enter(self) -> Any:
-        token = current_deadline.set(self.deadline) if self.deadline is not None else None
+    def __enter__(self) -> None:
+        self.token = current_deadline.set(self.deadline) if self.deadline is not None else None
         self.span.attach()
-        return token
 
-    def leave(self, token: Any) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         detach_span(self.span)
+        token, self.token = self.token, None
         if token is not None:
             current_deadline.reset(token)
+        end = self.result
+        if end is None and exc is not None:
+            end = _outcome(self.context, exc)
+        if end is not None:
+            self.finish(*end)
 
     def finish(self, code: Any, error: str | None) -> None:
         with self.lock:
@@ -217,20 +232,12 @@ class _SyncStream:
 
     def __next__(self) -> Any:
         call = self.call
-        end: tuple[Any, str | None] | None = None
-        token = call.enter()
-        try:
-            return next(self.it)
-        except StopIteration:
-            end = _outcome(self.context, None)
-            raise
-        except BaseException as exc:
-            end = _outcome(self.context, exc)
-            raise
-        finally:
-            call.leave(token)
-            if end is not None:
-                call.finish(*end)
+        with call:
+            try:
+                return next(self.it)
+            except StopIteration:
+                call.result = _outcome(self.context, None)
+                raise
 
 
 def _sync_unary_response(call: _Call, behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -238,18 +245,10 @@ def _sync_unary_response(call: _Call, behavior: Callable[..., Any]) -> Callable[
         refused = call.begin(context)
         if refused is not None:
             context.abort(*refused)
-        end: tuple[Any, str | None] = (_UNKNOWN, None)
-        token = call.enter()
-        try:
+        with call:
             response = behavior(request, context)
-            end = _outcome(context, None, context.is_active())
-            return response
-        except BaseException as exc:
-            end = _outcome(context, exc)
-            raise
-        finally:
-            call.leave(token)
-            call.finish(*end)
+            call.result = _outcome(context, None, context.is_active())
+        return response
 
     return handler
 
@@ -259,14 +258,8 @@ def _sync_stream_response(call: _Call, behavior: Callable[..., Any]) -> Callable
         refused = call.begin(context)
         if refused is not None:
             context.abort(*refused)
-        token = call.enter()
-        try:
+        with call:  # records only if the handler raised
             it = iter(behavior(request, context))
-        except BaseException as exc:
-            call.leave(token)
-            call.finish(*_outcome(context, exc))
-            raise
-        call.leave(token)
         # The client may abandon the stream: grpcio then stops iterating; record at termination.
         context.add_callback(lambda: call.finish(_ended_under_handler(context), None))
         return _SyncStream(call, it, context)
@@ -302,20 +295,12 @@ def _aio_unary_response(call: _Call, behavior: Callable[..., Any]
         refused = call.begin(context)
         if refused is not None:
             await context.abort(*refused)
-        end: tuple[Any, str | None] = (_UNKNOWN, None)
-        token = call.enter()
-        try:
+        with call:
             response = behavior(request, context)
             if inspect.isawaitable(response):
                 response = await response
-            end = _outcome(context, None)
-            return response
-        except BaseException as exc:
-            end = _outcome(context, exc)
-            raise
-        finally:
-            call.leave(token)
-            call.finish(*end)
+            call.result = _outcome(context, None)
+        return response
 
     return handler
 
@@ -329,9 +314,7 @@ def _aio_stream_response(call: _Call, behavior: Callable[..., Any]
         refused = call.begin(context)
         if refused is not None:
             await context.abort(*refused)
-        end: tuple[Any, str | None] = (_UNKNOWN, None)
-        token = call.enter()
-        try:
+        with call:
             result = behavior(request, context)
             if hasattr(result, "__aiter__"):
                 async for message in result:
@@ -341,13 +324,7 @@ def _aio_stream_response(call: _Call, behavior: Callable[..., Any]
             elif result is not None:
                 for message in result:
                     await context.write(message)
-            end = _outcome(context, None)
-        except BaseException as exc:
-            end = _outcome(context, exc)
-            raise
-        finally:
-            call.leave(token)
-            call.finish(*end)
+            call.result = _outcome(context, None)
 
     return handler
 
