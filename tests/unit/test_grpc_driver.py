@@ -10,7 +10,10 @@ servers.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +22,7 @@ import pytest
 from plan_fakes import Clock
 from prometheus_client import CollectorRegistry
 
+import meshlib
 from meshlib.config.policy import parse_policy_dict
 from meshlib.core.call import Attempt, CallEnd, Sleep
 from meshlib.core.destination import DestinationState
@@ -187,3 +191,14 @@ def test_committed_stream_is_settled_once_with_its_status() -> None:
     assert drv.settle_stream(grpc.StatusCode.OK, None) is False
     assert drv.abort(None) is False
     assert h.all_calls() == 1
+
+
+def test_grpc_drivers_import_no_http_stack() -> None:
+    """The gRPC channels depend on core, context and telemetry only: importing them loads
+    neither httpx nor meshlib.http (``current_deadline`` comes from ``meshlib.context``)."""
+    root = os.path.dirname(os.path.dirname(meshlib.__file__))
+    code = ("import sys, meshlib.grpc.channel, meshlib.grpc.aio; "
+            "print(sorted(m for m in sys.modules if m == 'httpx' or m.startswith('meshlib.http')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.strip() == "[]"
