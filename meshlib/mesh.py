@@ -131,6 +131,7 @@ class Mesh:
         zone: str | None = None,
         service: str | None = None,
         snapshot_path: str | None = None,
+        snapshot_interval: float = 1.0,
         etcd_timeout: float = 5.0,
         progress_interval: float = 1.0,
         handle_sigterm: bool = False,
@@ -151,14 +152,17 @@ class Mesh:
             service: this process's own service name. Clients send it as the caller identity
                 (``x-mesh-caller``) that destinations' access policies check, and the server
                 middleware uses it as its own name; None: anonymous caller.
-            snapshot_path: a JSON file the mesh reads at start and rewrites whenever etcd
-                changes a watched service, so that a process started while etcd is down can
-                still route (docs/scaling.md); None: no file.
+            snapshot_path: a JSON file the mesh reads at start and rewrites (off the watch
+                thread, atomically) after etcd changes a watched service, so that a process
+                started while etcd is down can still route (docs/discovery.md); None: no file.
+            snapshot_interval: at most one snapshot file write per this many seconds (and a
+                last one at close).
             etcd_timeout: seconds one etcd request may take, retries included, before it
                 fails (registration, reads and writes through ``client``).
-            progress_interval: seconds between the watch stream's progress requests; a
-                stream silent for 3 intervals is treated as dead and reopened. Raise it
-                (5-10 s) for thousands of clients (docs/scaling.md).
+            progress_interval: seconds between the watch stream's liveness questions; one
+                unanswered for max(interval, 1 s) means the endpoint hung: the stream moves to
+                the next endpoint (docs/discovery.md). Raise it (5-10 s) for thousands of
+                clients (docs/scaling.md).
             handle_sigterm: install a SIGTERM handler that closes every live mesh
                 (deregistering its instances at once) and then calls the handler that was in
                 place before, or exits with status 143 when there was none. Default False: a
@@ -176,7 +180,9 @@ class Mesh:
         self.zone = zone
         self.service = service
         self.client = EtcdClient(self.etcd_endpoints, timeout=etcd_timeout)
-        self.store = SnapshotStore(self.layout, snapshot_path=snapshot_path)
+        self.store = SnapshotStore(
+            self.layout, snapshot_path=snapshot_path, snapshot_interval=snapshot_interval
+        )
         self._watcher = WatchManager(
             self.client, progress_interval=progress_interval, on_state=self._on_etcd_state
         )
@@ -473,6 +479,7 @@ class Mesh:
                 for reg in self._registrations:
                     reg.close()
                 self._watcher.close()
+                self.store.close()  # the last snapshot file write, if one is pending
                 self.client.close()
             finally:
                 _live_meshes.discard(self)

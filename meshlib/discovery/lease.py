@@ -29,6 +29,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from meshlib.telemetry import metrics
+
 from .etcd_client import EtcdClient, EtcdError, LeaseNotFound
 
 __all__ = ["LeaseKeeper"]
@@ -155,7 +157,9 @@ class LeaseKeeper:
             try:
                 self._client.lease_keepalive_once(lid, timeout=self._answer_timeout(sent, last_ok))
             except LeaseNotFound:
-                self._lost(lid, "etcd reports it gone (expired, revoked or etcd lost its data)")
+                self._lost(
+                    lid, "etcd reports it gone (expired, revoked or etcd lost its data)", "gone"
+                )
                 continue
             except EtcdError as e:
                 now = time.monotonic()
@@ -163,7 +167,9 @@ class LeaseKeeper:
                     failing_since = now
                     log.warning("etcd lease %x: keepalive failed (%s); retrying", lid, e)
                 if now - last_ok > self._granted_ttl:
-                    self._lost(lid, f"no keepalive succeeded for {now - last_ok:.1f}s > TTL")
+                    self._lost(
+                        lid, f"no keepalive answered for {now - last_ok:.1f}s > TTL", "timeout"
+                    )
                     continue
                 next_at = now + backoff
                 backoff = min(backoff * 2, _BACKOFF_MAX)
@@ -214,18 +220,20 @@ class LeaseKeeper:
                     self._lease_id = None
                 self._revoke_quietly(lid)
                 return False
+        metrics.LEASE_GRANTS.labels("regrant" if self.losses else "first").inc()
         self.grants += 1
         self._alive.set()
         log.info("etcd lease %x granted (ttl %ds)", lid, self._granted_ttl)
         return True
 
-    def _lost(self, lid: int, why: str) -> None:
+    def _lost(self, lid: int, why: str, reason: str) -> None:
         log.warning("etcd lease %x lost: %s; granting a new one", lid, why)
         with self._lock:
             if self._lease_id == lid:
                 self._lease_id = None
             self._alive.clear()
         self.losses += 1
+        metrics.LEASES_LOST.labels(reason).inc()
         if self._on_lost is not None:
             try:
                 self._on_lost(lid)

@@ -16,15 +16,15 @@ Bad input never costs what is already known:
   actually returned (static stability, gRPC A57), never purged because of errors.
 
 Optionally the store writes what it knows to a JSON file so that a process restarted
-during an etcd outage can route with it (``Mesh(snapshot_path=...)``).
+during an etcd outage can route with it (``Mesh(snapshot_path=...)``): it marks changed
+services for :class:`~meshlib.discovery.snapshot_file.SnapshotFileWriter`, which writes off the
+watch thread, coalesced and atomically (see that module for when, the format and sharing).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +42,7 @@ from meshlib.config import (
 )
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
 from meshlib.discovery.keys import KeyLayout
+from meshlib.discovery.snapshot_file import SnapshotFileWriter, read_snapshot_file
 from meshlib.telemetry import metrics
 
 log = logging.getLogger("meshlib.discovery")
@@ -71,9 +72,16 @@ def _load_policy_text(value: bytes, key: str) -> dict[str, Any]:
 class SnapshotStore:
     """Builds and publishes immutable snapshots from etcd listings and events."""
 
-    def __init__(self, layout: KeyLayout, *, snapshot_path: str | None = None) -> None:
+    def __init__(
+        self,
+        layout: KeyLayout,
+        *,
+        snapshot_path: str | None = None,
+        snapshot_interval: float = 1.0,
+    ) -> None:
         self.layout = layout
         self.snapshot_path = snapshot_path
+        self._writer: SnapshotFileWriter | None = None
         self._lock = threading.Lock()  # serialises writers only; readers never take it
         self._states: dict[str, _ServiceState] = {}
         self._snapshots: dict[str, ServiceSnapshot] = {}
@@ -89,6 +97,14 @@ class SnapshotStore:
         self._updates = metrics.cached_children(metrics.DISCOVERY_UPDATES)
         if snapshot_path:
             self._load_disk_cache(snapshot_path)
+            self._writer = SnapshotFileWriter(
+                snapshot_path, layout.prefix, self._export, interval=snapshot_interval
+            )
+
+    def close(self) -> None:
+        """Write what the snapshot file still lacks and stop its writer (no-op without one)."""
+        if self._writer is not None:
+            self._writer.close()
 
     # --- read side (call path) ----------------------------------------------------------
     def get(self, service: str) -> ServiceSnapshot | None:
@@ -185,6 +201,8 @@ class SnapshotStore:
                     return
             self._default_raw = new_raw
             self._default_revision = mod_revision if value is not None else 0
+            if self._writer is not None:
+                self._writer.mark(None)
             for st in self._states.values():
                 self._rebuild_policy(st, key)
                 self._publish(st)
@@ -254,8 +272,8 @@ class SnapshotStore:
         self._endpoint_gauge(st.service).set(len(endpoints))  # type: ignore[attr-defined]
         self._policy_rev_gauge(st.service).set(st.policy_revision)  # type: ignore[attr-defined]
         self._updates(st.service).inc()  # type: ignore[attr-defined]
-        if self.snapshot_path and not st.from_cache:
-            self._write_disk_cache(self.snapshot_path)
+        if self._writer is not None and not st.from_cache:
+            self._writer.mark(st.service)
         for listener in self._listeners:
             try:
                 listener(st.service, snap)
@@ -265,40 +283,26 @@ class SnapshotStore:
             self._changed.notify_all()
 
     # --- on-disk snapshot ----------------------------------------------------------------
-    def _write_disk_cache(self, path: str) -> None:
-        doc = {
-            "format": "meshlib-snapshot/1",
-            "prefix": self.layout.prefix,
-            "default_policy": self._default_raw,
-            "services": {
-                s.service: {
-                    "instances": s.records,
-                    "policy": s.policy_raw,
-                    "policy_revision": s.policy_revision,
+    def _export(
+        self, services: set[str] | None
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any] | None]]:
+        """Copies of what the snapshot file holds for ``services`` (None: all), for the writer
+        thread to serialise outside the lock. Shallow copies: records are replaced, not mutated."""
+        with self._lock:
+            names = list(self._states) if services is None else list(services)
+            parts: dict[str, dict[str, Any] | None] = {}
+            for name in names:
+                st = self._states.get(name)
+                parts[name] = None if st is None else {
+                    "instances": dict(st.records),
+                    "policy": st.policy_raw,
+                    "policy_revision": st.policy_revision,
                 }
-                for s in self._states.values()
-            },
-        }
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".meshlib-snapshot-", dir=directory)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(doc, fh)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("could not write snapshot file %s: %s", path, exc)
+            return dict(self._default_raw), parts
 
     def _load_disk_cache(self, path: str) -> None:
-        try:
-            with open(path) as fh:
-                doc = json.load(fh)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable snapshot file %s: %s", path, exc)
-            return
-        if doc.get("format") != "meshlib-snapshot/1" or doc.get("prefix") != self.layout.prefix:
-            log.warning("ignoring snapshot file %s: other format or prefix", path)
+        doc = read_snapshot_file(path, self.layout.prefix)
+        if doc is None:
             return
         with self._lock:
             self._default_raw = doc.get("default_policy") or {}

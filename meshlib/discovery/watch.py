@@ -1,52 +1,41 @@
 """Prefix watches over one multiplexed etcd Watch stream that resumes without losing events.
 
-Algorithm (etcd API guarantees, "Watch API" in the etcd v3 docs; the resume rules follow
-etcd's own ``clientv3`` watcher):
+This module is the *driver*: the gRPC stream, the threads, the reads and the user callbacks. What
+to do with each answer (resume from ``next_rev``, drop duplicates, re-list after compaction, pair
+``created`` answers with the one outstanding create, when a stream is silent) is decided by the
+sans-I/O state machine in :mod:`meshlib.discovery.watch_state`, whose docstring gives the rules
+and their sources.
+
+Driving one stream:
 
 * A watch starts with a consistent read of its prefix at revision ``R`` (``on_reset``), then a
-  watch created with ``start_revision = R + 1`` (inclusive) delivers every later change in
-  revision order (``on_events``). Per watch we keep ``next_rev`` = last revision seen + 1.
-* Events advance ``next_rev`` to their last ``mod_revision`` + 1; events below ``next_rev`` are
-  dropped, so a resumed stream never duplicates. A per-watch progress notification (no events,
-  our ``watch_id``) advances it to ``header.revision + 1``; etcd only sends those to watchers that
-  are fully synced, ordered with their events. The stream-wide answer to a ``progress_request``
-  (``watch_id == -1``) is used for liveness only: in etcd < 3.5.8 its revision can be ahead of
-  events not yet delivered to unsynced watchers (etcd-io/etcd#15220).
-* After any stream failure every watch is re-created from its ``next_rev`` on a new stream. If
-  etcd answers that revision was compacted (``canceled`` with ``compact_revision``), the prefix is
-  read again and ``on_reset`` receives the full new content (the caller diffs against its cache,
-  which also reveals deletes lost to compaction); the watch restarts from that read's revision + 1.
-* One create is outstanding per stream at a time, as in ``clientv3`` (``watchGrpcStream.run``
-  sends the head of its ``resuming`` queue and the next one only once ``created`` arrived), so a
-  ``created`` answer always belongs to the one pending create and its ``watch_id`` is that
-  watch's id. Pairing several outstanding creates with answers first-in first-out is wrong
-  behind etcd's grpc-proxy (``server/proxy/grpcproxy``): it numbers a stream's watches 0, 1, 2...
-  in request order but answers ``created`` out of that order: at once for a watch that joins an
-  existing server watcher (``watchBroadcast.add``), and for a new one when etcd has answered the
-  server watch it opens from its own goroutine (``newWatchBroadcast``). Measured (etcd 3.5.1):
-  of 1,000 creates sent at once, 8-35 answers came out of order, mostly adjacent pairs swapped;
-  direct to etcd, none. Client-chosen ids
-  (``WatchCreateRequest.watch_id``, etcd >= 3.4) are no way out: the proxy ignores the field and
-  answers with its own numbering (and the generated stubs here predate it), and relying on the
-  numbering itself is undocumented and cannot place a refused create (answered with id -1 or 0).
+  watch created with ``start_revision = R + 1`` delivers every later change (``on_events``).
   The Range reads of the next watches go on while a create is outstanding (one read per turn of
-  the manager loop, answers handled in between), so 1,000 watches still sync in about the time
-  of their 1,000 reads.
+  the manager loop, answers handled in between), so 1,000 watches sync in about the time of their
+  1,000 reads.
 * The stream is opened with the metadata ``hasleader: true`` so a member that loses its leader
-  cancels the stream instead of going quiet. Every ``progress_interval`` we send a
-  ``progress_request`` (etcd >= 3.4); if nothing arrives for 3 intervals the stream is declared
-  silent (SIGSTOPped member, half-open partition), cancelled and reopened. Behind etcd's
-  grpc-proxy, which ignores progress requests, only unanswered watch creates count as silence. Reopening backs off
-  50 ms doubling to 1 s, reset once a stream has answered.
+  cancels the stream instead of going quiet. It is *placed* on one endpoint
+  (:meth:`EtcdClient.stream_channel`); when it ends or goes silent the client moves new streams
+  to the next endpoint (:meth:`EtcdClient.stream_failed`), so a SIGSTOPped member or proxy, whose
+  TCP connection stays up, is not picked again at once.
+* Liveness (the bound documented in docs/discovery.md): every ``progress_interval`` a
+  ``progress_request`` is sent (etcd >= 3.4 answers it at once); behind etcd's grpc-proxy, which
+  ignores progress requests, a probe create instead. A question left unanswered for
+  ``max(progress_interval, 1 s)`` makes the stream silent: it is cancelled and reopened on the next
+  endpoint, where every watch resumes from its ``next_rev``. So a hung member or proxy keeps the
+  stream at most ``progress_interval + max(progress_interval, 1 s)`` (2 s by default), plus one
+  reconnect.
+* Reopening backs off 50 ms doubling to 1 s, reset once a stream has answered. Reads wait
+  until the stream has answered once (or for 0.5 s: etcd's grpc-proxy answers nothing before a
+  create), so an unreachable etcd, whose stream fails at once, costs no read timeouts; creates of
+  resumed watches (no read needed) go out at once.
 
 Threads: one manager thread owns all watch state and runs every callback; one short-lived reader
 thread per stream turns the blocking response iterator into messages on the manager's inbox. The
 request side of the bidi stream is a generator fed from a ``queue.Queue`` and ended with a
-sentinel, so grpc's request-consumer thread never blocks past the stream's end. Resets and creates
-wait until the stream has answered once (or for 0.5 s: etcd's grpc-proxy answers nothing before a
-create), so an unreachable etcd, whose stream fails at once, costs no read timeouts.
-``close()`` joins the manager thread for up to 2 s; a thread busy in a user callback or in a
-reset read (bounded by the client's timeout) finishes that first, as a daemon thread.
+sentinel, so grpc's request-consumer thread never blocks past the stream's end. ``close()`` joins
+the manager thread for up to 2 s; a thread busy in a user callback or in a reset read (bounded by
+the client's timeout) finishes that first, as a daemon thread.
 """
 
 from __future__ import annotations
@@ -56,17 +45,28 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from etcd3.etcdrpc import rpc_pb2
+from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
 
-from .etcd_client import KV, EtcdClient, EtcdError, Event, _b, event_from_pb, prefix_range_end
+from meshlib.telemetry import metrics
 
-__all__ = ["WatchManager", "WatchHandle", "Event", "KV"]
+from .etcd_client import KV, EtcdClient, EtcdError, Event, _b, prefix_range_end
+from .watch_state import (
+    Action,
+    Cancel,
+    Create,
+    Deliver,
+    End,
+    Forget,
+    Relisted,
+    StreamState,
+    WatchState,
+)
+
+__all__ = ["WatchManager", "WatchHandle", "Event", "KV", "ANSWER_LIMIT_MIN"]
 
 log = logging.getLogger("meshlib.discovery")
 
@@ -75,30 +75,18 @@ OnEvents = Callable[[list[Event], int], None]
 
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 1.0
-_STALL_FACTOR = 3.0
+#: A liveness question unanswered for max(progress_interval, ANSWER_LIMIT_MIN) seconds means the
+#: stream is silent. Questions go out every progress_interval, so a hung endpoint is left within
+#: progress_interval + max(progress_interval, ANSWER_LIMIT_MIN): 2 s by default.
+ANSWER_LIMIT_MIN = 1.0
 _BATCH = 256  # inbox items handled per turn of the manager loop
-
-
-@dataclass(eq=False)
-class _Watch:
-    wid: int
-    prefix: str
-    on_reset: OnReset
-    on_events: OnEvents
-    key: bytes = b""
-    range_end: bytes = b""
-    next_rev: int = 0
-    need_reset: bool = True
-    stream: int = 0  # generation of the stream this watch is created on (0: none)
-    server_id: int | None = None
-    cancelled: bool = False
-    resets: int = field(default=0)
+_DOWN_LOG_EVERY = 30.0
 
 
 class WatchHandle:
     """Returned by :meth:`WatchManager.watch_prefix`; ``cancel()`` stops the watch."""
 
-    def __init__(self, manager: WatchManager, watch: _Watch) -> None:
+    def __init__(self, manager: WatchManager, watch: WatchState) -> None:
         self._manager = manager
         self._watch = watch
 
@@ -123,7 +111,18 @@ class WatchHandle:
 
 
 class _StreamEnded(Exception):
-    pass
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Session:
+    """The I/O side of one stream: its request queue, endpoint and sans-I/O state."""
+
+    def __init__(self, state: StreamState, requests: queue.Queue[Any], endpoint: str) -> None:
+        self.state = state
+        self.requests = requests
+        self.endpoint = endpoint
 
 
 class WatchManager:
@@ -151,7 +150,7 @@ class WatchManager:
         self._on_state = on_state
         self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._lock = threading.Lock()
-        self._watches: dict[int, _Watch] = {}
+        self._watches: dict[int, WatchState] = {}
         self._ids = itertools.count(1)
         self._dirty = True
         self._closing = threading.Event()
@@ -160,9 +159,14 @@ class WatchManager:
         self._stream_member_id = 0
         self._gen = 0
         self._streams_opened = 0
-        self._down_since: float | None = None
+        self._open_reason = "start"
         self._progress_supported = False
+        self._down_since: float | None = None  # monotonic; None while a stream is healthy
+        self._down_since_wall = 0.0
         self._down_logged = 0.0
+        self._errors: dict[str, str] = {}  # endpoint -> last error, while down
+        self._endpoint = ""
+        self._opens = metrics.cached_children(metrics.WATCH_STREAMS_OPENED)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -183,18 +187,38 @@ class WatchManager:
         return self._stream_member_id
 
     @property
+    def stream_endpoint(self) -> str:
+        """The endpoint (member or proxy address) of the current or last stream."""
+        return self._endpoint
+
+    @property
     def streams_opened(self) -> int:
         """How many Watch streams have been opened so far (a reconnect counter)."""
         return self._streams_opened
+
+    @property
+    def down_since(self) -> float | None:
+        """``time.time()`` since when no stream has answered, None while one is healthy."""
+        return None if self._down_since is None else self._down_since_wall
+
+    @property
+    def answer_limit(self) -> float:
+        """Seconds a liveness question may stay unanswered before the stream is silent."""
+        return max(self._interval, ANSWER_LIMIT_MIN)
+
+    @property
+    def detection_bound(self) -> float:
+        """Longest time a hung (silent) endpoint keeps the stream: one interval until the next
+        question, plus the answer limit."""
+        return self._interval + self.answer_limit
 
     def watch_prefix(self, prefix: str, on_reset: OnReset, on_events: OnEvents) -> WatchHandle:
         """Watch every key under ``prefix``: ``on_reset`` with the full content, then events."""
         if self._closing.is_set():
             raise RuntimeError("WatchManager is closed")
-        key = _b(prefix) if prefix else b"\0"
-        w = _Watch(
-            wid=next(self._ids), prefix=prefix, on_reset=on_reset, on_events=on_events,
-            key=key, range_end=prefix_range_end(_b(prefix)),
+        w = WatchState(
+            wid=next(self._ids), prefix=prefix, key=_b(prefix) if prefix else b"\0",
+            range_end=prefix_range_end(_b(prefix)), on_reset=on_reset, on_events=on_events,
         )
         with self._lock:
             self._watches[w.wid] = w
@@ -218,20 +242,26 @@ class WatchManager:
         self.close()
 
     # ------------------------------------------------------------------ internals
-    def _cancel(self, w: _Watch) -> None:
+    def _cancel(self, w: WatchState) -> None:
         if w.cancelled:
             return
         w.cancelled = True
+        self._mark_dirty()
+        self._inbox.put(("wake",))
+
+    def _mark_dirty(self) -> None:
         with self._lock:
             self._dirty = True
-        self._inbox.put(("wake",))
 
     def _set_connected(self, value: bool) -> None:
         if self._connected == value:
             return
         self._connected = value
         if value:
-            log.info("etcd watch stream connected (member %x)", self._stream_member_id)
+            log.info(
+                "etcd watch stream connected to %s (member %x)",
+                self._endpoint, self._stream_member_id,
+            )
         if self._on_state is not None:
             try:
                 self._on_state(value)
@@ -245,8 +275,11 @@ class WatchManager:
             try:
                 healthy = self._session()
             except EtcdError as e:
+                self._open_reason = "error"
+                self._note_down(self._endpoint, str(e))
                 log.warning("etcd watch: %s; reopening the stream", e)
             except Exception:
+                self._open_reason = "error"
                 log.exception("etcd watch stream failed unexpectedly; reopening")
             self._set_connected(False)
             if self._closing.is_set():
@@ -256,13 +289,14 @@ class WatchManager:
             self._closing.wait(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
         self._set_connected(False)
+        if self._endpoint:
+            metrics.untrack_watch_stream(self._endpoint)
 
     def _session(self) -> bool:
         """Run one Watch stream until it fails or we close; True if it ever answered."""
         self._gen += 1
         gen = self._gen
-        with self._lock:
-            self._dirty = True  # every watch must be created on the new stream
+        self._mark_dirty()  # every watch must be created on the new stream
         requests: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
 
         def request_iter() -> Iterator[rpc_pb2.WatchRequest]:
@@ -273,17 +307,27 @@ class WatchManager:
                 yield item
 
         requests.put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
-        call = self._client.watch_stub.Watch(request_iter(), metadata=[("hasleader", "true")])
+        channel, endpoint = self._client.stream_channel()
+        metrics.track_watch_stream(self, endpoint, self._endpoint)
+        self._endpoint = endpoint
+        call = rpc_pb2_grpc.WatchStub(channel).Watch(
+            request_iter(), metadata=[("hasleader", "true")]
+        )
         self._streams_opened += 1
+        self._opens(self._open_reason).inc()  # type: ignore[attr-defined]
         reader = threading.Thread(
             target=self._read, args=(call, gen), name=f"{self._thread.name}-reader", daemon=True
         )
         reader.start()
-        stream = _Stream(gen=gen, requests=requests, opened=time.monotonic())
+        s = _Session(StreamState(gen=gen, opened=time.monotonic()), requests, endpoint)
+        if self._progress_supported:  # etcd itself (not a proxy): the first request is owed too
+            s.state.asked(s.state.opened, None)
         try:
-            self._drive(stream)
-        except _StreamEnded:
-            pass
+            self._drive(s)
+        except _StreamEnded as e:
+            self._open_reason = e.reason
+            if e.reason in ("ended", "silent"):
+                self._client.stream_failed(endpoint, silent=e.reason == "silent")
         finally:
             requests.put(None)
             call.cancel()
@@ -292,7 +336,7 @@ class WatchManager:
                 if w.stream == gen:
                     w.stream = 0
                     w.server_id = None
-        return stream.healthy
+        return s.state.healthy
 
     def _read(self, call: Any, gen: int) -> None:
         try:
@@ -305,32 +349,54 @@ class WatchManager:
         except Exception as e:  # pragma: no cover - defensive
             self._inbox.put(("end", gen, e))
 
-    def _snapshot(self) -> list[_Watch]:
+    def _snapshot(self) -> list[WatchState]:
         with self._lock:
             return list(self._watches.values())
 
-    def _drive(self, s: _Stream) -> None:
+    def _drive(self, s: _Session) -> None:
+        st = s.state
         last_progress = time.monotonic()
+        limit = self.answer_limit
         while not self._closing.is_set():
             now = time.monotonic()
-            if self._dirty and (s.healthy or now - s.opened >= min(0.5, self._interval)):
-                self._plan(s)
-            if s.todo:
+            if self._dirty:
+                with self._lock:
+                    self._dirty = False
+                    watches = list(self._watches.values())
+                self._apply(s, st.plan(watches))
+            # Reads wait for the stream's first answer (or 0.5 s, as grpc-proxy answers nothing
+            # before a create), so an unreachable etcd costs no read timeouts. Resumed watches
+            # need no read: their creates go out at once.
+            read_at = st.opened + min(0.5, self._interval)
+            can_read = st.healthy or now >= read_at
+            if st.todo and (can_read or not st.todo[0].need_reset):
                 self._read_next(s)  # one read per turn: answers to creates are handled between
                 now = time.monotonic()
             if now - last_progress >= self._interval:
-                s.requests.put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
+                self._send(s, rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
                 last_progress = now
-            heard = self._heard_reference(s)
-            if heard is not None and now - heard > _STALL_FACTOR * self._interval:
+                if st.progress_ok:
+                    st.asked(now, self._last_contact)
+                elif st.healthy:
+                    probe = st.probe(now)
+                    if probe is not None:
+                        self._apply(s, [probe])
+            owed = st.owed_since(self._last_contact)
+            if owed is not None and now - owed > limit:
+                self._note_down(s.endpoint, f"silent for {now - owed:.1f}s")
                 log.warning(
-                    "etcd watch stream silent for %.1fs (member %x); reopening",
-                    now - heard, self._stream_member_id,
+                    "etcd watch stream to %s (member %x): no answer for %.1fs (limit %.1fs); "
+                    "the endpoint is hung or partitioned, reopening on the next endpoint",
+                    s.endpoint, self._stream_member_id, now - owed, limit,
                 )
-                return
-            wait = min(self._interval - (now - last_progress), self._interval)
+                raise _StreamEnded("silent")
+            wait = self._interval - (now - last_progress)
+            if owed is not None:
+                wait = min(wait, owed + limit - now + 0.001)
+            if st.todo and not st.healthy:
+                wait = min(wait, read_at - now + 0.001)
             try:
-                if s.todo:
+                if st.todo and (st.healthy or now >= read_at or not st.todo[0].need_reset):
                     item = self._inbox.get_nowait()
                 else:
                     item = self._inbox.get(timeout=max(0.01, wait))
@@ -339,11 +405,11 @@ class WatchManager:
             # Take what has arrived (bounded) before the next read, so a 'created' queued behind
             # wake-ups or events does not hold up the next create.
             for n in itertools.count(1):
-                if item[0] != "wake" and item[1] == s.gen:
+                if item[0] != "wake" and item[1] == st.gen:
                     if item[0] == "end":
                         if not self._closing.is_set():
                             self._log_end(s, item[2])
-                        return
+                        raise _StreamEnded("ended")
                     self._handle(s, item[2])
                 if n >= _BATCH:
                     break
@@ -352,209 +418,130 @@ class WatchManager:
                 except queue.Empty:
                     break
 
-    def _heard_reference(self, s: _Stream) -> float | None:
-        """Since when an answer is owed on this stream, or None if silence proves nothing.
+    def _handle(self, s: _Session, resp: rpc_pb2.WatchResponse) -> None:
+        st = s.state
+        if resp.header.member_id:
+            self._stream_member_id = resp.header.member_id
+        was_healthy = st.healthy
+        actions = st.receive(resp)
+        if st.progress_ok:
+            self._progress_supported = True
+        if not was_healthy and st.healthy:
+            self._down_since = None
+            self._errors.clear()
+            self._set_connected(True)
+        self._apply(s, actions)
+        if resp.created:
+            self._apply(s, st.next_create(time.monotonic()))
 
-        A server that has answered ``progress_request`` (etcd >= 3.4) owes an answer every
-        interval. Otherwise (etcd's grpc-proxy ignores progress requests, and server-side progress
-        notifications default to every 10 min) only an outstanding watch create is owed one.
-        """
-        if s.progress_ok:
-            return max(s.opened, self._last_contact or 0.0)
-        if self._progress_supported and not s.healthy:
-            return s.opened
-        if s.pending is not None:
-            return s.pending[1]
-        return None
-
-    def _log_end(self, s: _Stream, err: BaseException | None) -> None:
-        """Warn when a healthy stream breaks; while etcd stays unreachable, warn every 30 s."""
-        detail = (
-            f"{err.code().name}: {err.details()}"
-            if isinstance(err, grpc.RpcError) and hasattr(err, "code")
-            else repr(err)
-        )
-        now = time.monotonic()
-        where = ", ".join(self._client.endpoints)
-        if s.healthy:
-            self._down_since = now
-            self._down_logged = now
-            log.warning("etcd watch stream to [%s] ended (%s); reopening", where, detail)
-        elif self._down_since is None or now - self._down_logged >= 30.0:
-            if self._down_since is None:
-                self._down_since = now
-            self._down_logged = now
-            log.warning(
-                "etcd watch: cannot open a stream to [%s] for %.0fs (%s); still retrying",
-                where, now - self._down_since, detail,
-            )
-        else:
-            log.debug("etcd watch stream to [%s] failed (%s); retrying", where, detail)
-
-    def _plan(self, s: _Stream) -> None:
-        """Queue watches that are not on this stream; cancel cancelled ones that are."""
-        with self._lock:
-            self._dirty = False
-            watches = list(self._watches.values())
-        for w in watches:
-            if w.cancelled:
-                if w.stream != s.gen:
-                    self._forget(w)
-                elif w.server_id is not None:
-                    s.requests.put(
-                        rpc_pb2.WatchRequest(
-                            cancel_request=rpc_pb2.WatchCancelRequest(watch_id=w.server_id)
-                        )
+    def _apply(self, s: _Session, actions: list[Action]) -> None:
+        """Do what the state machine decided (the only place its decisions meet I/O)."""
+        for a in actions:
+            if isinstance(a, Create):
+                s.state.asked(time.monotonic(), self._last_contact)
+                w = a.watch
+                req = rpc_pb2.WatchCreateRequest(
+                    key=w.key, range_end=w.range_end, start_revision=w.next_rev,
+                    progress_notify=not w.probe,
+                )
+                self._send(s, rpc_pb2.WatchRequest(create_request=req))
+            elif isinstance(a, Cancel):
+                self._send(
+                    s,
+                    rpc_pb2.WatchRequest(
+                        cancel_request=rpc_pb2.WatchCancelRequest(watch_id=a.server_id)
+                    ),
+                )
+            elif isinstance(a, Deliver):
+                assert a.watch.on_events is not None
+                try:
+                    a.watch.on_events(a.events, a.revision)
+                except Exception:
+                    log.exception(
+                        "etcd watch %r: on_events callback failed at revision %d",
+                        a.watch.prefix, a.revision,
                     )
-                    s.by_server_id.pop(w.server_id, None)
-                    self._forget(w)
-                # else queued (dropped when dequeued) or pending (cancelled once created)
-                continue
-            if w.stream == s.gen:
-                continue
-            w.stream = s.gen
-            w.server_id = None
-            s.todo.append(w)
+            elif isinstance(a, Forget):
+                with self._lock:
+                    self._watches.pop(a.watch.wid, None)
+            elif isinstance(a, Relisted):
+                metrics.WATCH_RELISTS.inc()
+                log.info(
+                    "etcd watch %r: revision %d compacted (compact revision %d); rereading",
+                    a.watch.prefix, a.watch.next_rev, a.compact_revision,
+                )
+                self._mark_dirty()
+            elif isinstance(a, End):
+                log.warning("%s; reopening the stream", a.message)
+                raise _StreamEnded(a.reason)
 
-    def _read_next(self, s: _Stream) -> None:
+    def _send(self, s: _Session, req: rpc_pb2.WatchRequest) -> None:
+        s.requests.put(req)
+
+    def _read_next(self, s: _Session) -> None:
         """Reset (read) the next queued watch if it needs it, then queue its create."""
-        w = s.todo.popleft()
+        st = s.state
+        w = st.todo.popleft()
         if not w.cancelled and w.need_reset:
             self._reset(w)  # EtcdError propagates: the session ends and is retried
         if w.cancelled:
-            self._forget(w)
+            self._apply(s, [Forget(w)])
             return
-        s.ready.append(w)
-        self._send_create(s)
+        st.ready.append(w)
+        self._apply(s, st.next_create(time.monotonic()))
 
-    def _send_create(self, s: _Stream) -> None:
-        """Send the next ready create unless one is still waiting for its ``created``."""
-        while s.pending is None and s.ready:
-            w = s.ready.popleft()
-            if w.cancelled:
-                self._forget(w)
-                continue
-            s.requests.put(
-                rpc_pb2.WatchRequest(
-                    create_request=rpc_pb2.WatchCreateRequest(
-                        key=w.key, range_end=w.range_end, start_revision=w.next_rev,
-                        progress_notify=True,
-                    )
-                )
-            )
-            s.pending = (w, time.monotonic())
-
-    def _forget(self, w: _Watch) -> None:
-        with self._lock:
-            self._watches.pop(w.wid, None)
-
-    def _reset(self, w: _Watch) -> None:
+    def _reset(self, w: WatchState) -> None:
         kvs, rev = self._client.get_prefix(w.prefix)
         w.need_reset = False
         w.next_rev = rev + 1
         w.resets += 1
         if w.cancelled:
             return
+        assert w.on_reset is not None
         try:
             w.on_reset(kvs, rev)
         except Exception:
             log.exception("etcd watch %r: on_reset callback failed at revision %d", w.prefix, rev)
 
-    def _handle(self, s: _Stream, resp: rpc_pb2.WatchResponse) -> None:
-        if resp.header.member_id:
-            self._stream_member_id = resp.header.member_id
-        if not s.healthy:
-            s.healthy = True
-            self._down_since = None
-            self._set_connected(True)
-        wid = resp.watch_id
-        if wid == -1 and not resp.created and not resp.canceled:
-            s.progress_ok = True
-            self._progress_supported = True
-        if resp.created:
-            self._created(s, resp)
-            return
-        if resp.canceled:
-            w2 = s.by_server_id.pop(wid, None)
-            if w2 is None or w2.cancelled:
-                return
-            w2.stream = 0
-            w2.server_id = None
-            with self._lock:
-                self._dirty = True
-            if resp.compact_revision > 0:
-                log.info(
-                    "etcd watch %r: revision %d compacted (compact revision %d); rereading",
-                    w2.prefix, w2.next_rev, resp.compact_revision,
-                )
-                w2.need_reset = True
-                return
-            log.warning(
-                "etcd watch %r canceled by etcd: %s; reopening the stream",
-                w2.prefix, resp.cancel_reason or "no reason given",
-            )
-            s.healthy = False  # keep backing off if etcd keeps refusing the watch
-            raise _StreamEnded()
-        w3 = s.by_server_id.get(wid)
-        if w3 is None or w3.cancelled:
-            return  # stream-wide progress answer (watch_id -1) or a cancelled watch
-        if not resp.events:
-            w3.next_rev = max(w3.next_rev, resp.header.revision + 1)
-            return
-        events = [event_from_pb(e) for e in resp.events if e.kv.mod_revision >= w3.next_rev]
-        if not events:
-            return
-        rev = events[-1].kv.mod_revision
-        w3.next_rev = rev + 1
-        try:
-            w3.on_events(events, rev)
-        except Exception:
-            log.exception("etcd watch %r: on_events callback failed at revision %d", w3.prefix, rev)
+    # ------------------------------------------------------------------ logging
+    def _note_down(self, endpoint: str, detail: str) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self._down_since_wall = time.time()
+        if endpoint:
+            self._errors[endpoint] = detail
 
-    def _created(self, s: _Stream, resp: rpc_pb2.WatchResponse) -> None:
-        """``created`` answers the one outstanding create; then the next create goes out."""
-        wid = resp.watch_id
-        if s.pending is None:
-            log.warning("etcd watch: 'created' for watch id %d with no create outstanding", wid)
+    def _log_end(self, s: _Session, err: BaseException | None) -> None:
+        """Warn when a healthy stream breaks; while no endpoint answers, warn every 30 s with
+        the endpoints tried, since when, and the last error of each."""
+        if isinstance(err, grpc.RpcError) and hasattr(err, "code"):
+            detail = f"{err.code().name}: {err.details()}"
+        elif err is None:
+            detail = "stream closed by the server"
+        else:
+            detail = repr(err)
+        now = time.monotonic()
+        nxt = self._client.endpoints[
+            (self._client.endpoints.index(s.endpoint) + 1) % len(self._client.endpoints)
+        ] if s.endpoint in self._client.endpoints else s.endpoint
+        if s.state.healthy:
+            self._note_down(s.endpoint, detail)
+            self._down_logged = now
+            log.warning(
+                "etcd watch stream to %s ended (%s); reopening on %s", s.endpoint, detail, nxt
+            )
             return
-        w = s.pending[0]
-        s.pending = None
-        if resp.canceled:  # etcd refused the create (permission denied, invalid range)
-            w.stream = 0
-            with self._lock:
-                self._dirty = True
-            if w.cancelled:
-                self._send_create(s)
-                return
+        first = self._down_since is None
+        self._note_down(s.endpoint, detail)
+        if first or now - self._down_logged >= _DOWN_LOG_EVERY:
+            self._down_logged = now
+            assert self._down_since is not None
+            tried = "; ".join(f"{ep}: {msg}" for ep, msg in self._errors.items())
             log.warning(
-                "etcd watch %r: create refused by etcd (watch id %d): %s; reopening the stream",
-                w.prefix, wid, resp.cancel_reason or "no reason given",
+                "etcd watch: no etcd endpoint has answered since %s (%.0fs ago); endpoints "
+                "[%s]; last error per endpoint tried: %s; retrying (backoff up to %gs)",
+                time.strftime("%H:%M:%S", time.localtime(self._down_since_wall)),
+                now - self._down_since, ", ".join(self._client.endpoints), tried, _BACKOFF_MAX,
             )
-            s.healthy = False
-            raise _StreamEnded()
-        other = s.by_server_id.get(wid)
-        if other is not None:
-            log.warning(
-                "etcd watch %r: etcd reused watch id %d of %r on one stream; reopening the stream",
-                w.prefix, wid, other.prefix,
-            )
-            raise _StreamEnded()
-        w.server_id = wid
-        s.by_server_id[wid] = w
-        if w.cancelled:
-            with self._lock:
-                self._dirty = True
-        self._send_create(s)
-
-
-@dataclass(eq=False)
-class _Stream:
-    gen: int
-    requests: queue.Queue[rpc_pb2.WatchRequest | None]
-    opened: float
-    healthy: bool = False
-    progress_ok: bool = False  # the server answered a progress_request on this stream
-    todo: deque[_Watch] = field(default_factory=deque)  # to read (if need_reset), then create
-    ready: deque[_Watch] = field(default_factory=deque)  # read; create not sent yet
-    pending: tuple[_Watch, float] | None = None  # the one create sent, and when
-    by_server_id: dict[int, _Watch] = field(default_factory=dict)
+        else:
+            log.debug("etcd watch stream to %s failed (%s); retrying", s.endpoint, detail)

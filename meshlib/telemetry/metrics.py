@@ -57,7 +57,35 @@ POLICY_REJECTIONS: Counter = make_family(semconv.POLICY_REJECTIONS)
 RECORD_REJECTIONS: Counter = make_family(semconv.RECORD_REJECTIONS)
 DISCOVERY_UPDATES: Counter = make_family(semconv.DISCOVERY_UPDATES)
 
+WATCH_STREAMS_OPENED: Counter = make_family(semconv.WATCH_STREAMS_OPENED)
+WATCH_RELISTS: Counter = make_family(semconv.WATCH_RELISTS)
+WATCH_SILENCE: Gauge = make_family(semconv.WATCH_SILENCE)
+LEASES_LOST: Counter = make_family(semconv.LEASES_LOST)
+LEASE_GRANTS: Counter = make_family(semconv.LEASE_GRANTS)
+SNAPSHOT_FILE_WRITES: Counter = make_family(semconv.SNAPSHOT_FILE_WRITES)
+SNAPSHOT_FILE_WRITE_DURATION: Any = make_family(semconv.SNAPSHOT_FILE_WRITE_DURATION)
+
+# Counters whose label values form a closed set are exported at 0 from the start, so a rate()
+# or an alert on them has a series before the first event (Prometheus naming/instrumentation
+# practice: "initialise labelled metrics with known label values").
+for _reason in semconv.WATCH_OPEN_REASONS:
+    WATCH_STREAMS_OPENED.labels(_reason)
+for _reason in semconv.LEASE_LOSS_REASONS:
+    LEASES_LOST.labels(_reason)
+for _kind in semconv.LEASE_GRANT_KINDS:
+    LEASE_GRANTS.labels(_kind)
+for _result in semconv.SNAPSHOT_WRITE_RESULTS:
+    SNAPSHOT_FILE_WRITES.labels(_result)
+SNAPSHOT_FILE_WRITE_DURATION.labels()
+
 _DISCOVERY_GLOBALS: dict[str, MetricWrapperBase] = {
+    semconv.WATCH_STREAMS_OPENED.name: WATCH_STREAMS_OPENED,
+    semconv.WATCH_RELISTS.name: WATCH_RELISTS,
+    semconv.WATCH_SILENCE.name: WATCH_SILENCE,
+    semconv.LEASES_LOST.name: LEASES_LOST,
+    semconv.LEASE_GRANTS.name: LEASE_GRANTS,
+    semconv.SNAPSHOT_FILE_WRITES.name: SNAPSHOT_FILE_WRITES,
+    semconv.SNAPSHOT_FILE_WRITE_DURATION.name: SNAPSHOT_FILE_WRITE_DURATION,
     semconv.ETCD_CONNECTED.name: ETCD_CONNECTED,
     semconv.ETCD_STALENESS.name: ETCD_STALENESS,
     semconv.ENDPOINTS.name: ENDPOINTS,
@@ -87,6 +115,28 @@ def _staleness() -> float:
 
 
 ETCD_STALENESS.set_function(_staleness)
+
+
+def track_watch_stream(source: object, endpoint: str, previous: str = "") -> None:
+    """Export the silence of ``source``'s stream (``last_contact``, monotonic seconds) under
+    ``endpoint``, computed at scrape time; drop the series of ``previous`` when it moved."""
+    if previous and previous != endpoint:
+        untrack_watch_stream(previous)
+    ref = weakref.ref(source)
+
+    def age() -> float:
+        src = ref()
+        last = getattr(src, "last_contact", None) if src is not None else None
+        return 0.0 if last is None else time.monotonic() - last
+
+    WATCH_SILENCE.labels(endpoint).set_function(age)
+
+
+def untrack_watch_stream(endpoint: str) -> None:
+    try:
+        WATCH_SILENCE.remove(endpoint)
+    except KeyError:
+        pass
 
 
 def cached_children(metric: Gauge | Counter) -> Callable[[str], object]:

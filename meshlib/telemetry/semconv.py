@@ -266,9 +266,51 @@ DISCOVERY_UPDATES = Family(
     (SERVICE,),
 )
 
+WATCH_OPEN_REASONS: Final = ("start", "ended", "silent", "canceled", "refused", "reused_id", "error")
+WATCH_STREAMS_OPENED = Family(
+    "meshlib_etcd_watch_streams_opened", "counter",
+    "etcd Watch streams opened, by why the previous one ended (start = the first one).",
+    ("reason",),
+)
+WATCH_RELISTS = Family(
+    "meshlib_etcd_watch_relists", "counter",
+    "Watched prefixes read again whole because etcd had compacted their resume revision.",
+)
+WATCH_SILENCE = Family(
+    "meshlib_etcd_watch_silence_seconds", "gauge",
+    "Seconds since the last message (event, progress notice, create answer) on the watch "
+    "stream, by the etcd endpoint the stream is on.",
+    ("endpoint",), unit="seconds",
+)
+LEASE_LOSS_REASONS: Final = ("gone", "timeout")
+LEASES_LOST = Family(
+    "meshlib_etcd_leases_lost", "counter",
+    "Registration leases lost: gone = etcd said expired or revoked; timeout = no keepalive "
+    "answered within the TTL.",
+    ("reason",),
+)
+LEASE_GRANT_KINDS: Final = ("first", "regrant")
+LEASE_GRANTS = Family(
+    "meshlib_etcd_lease_grants", "counter",
+    "Registration leases granted: first = a new registration, regrant = after a lost lease.",
+    ("kind",),
+)
+SNAPSHOT_WRITE_RESULTS: Final = ("ok", "error")
+SNAPSHOT_FILE_WRITES = Family(
+    "meshlib_snapshot_file_writes", "counter",
+    "Writes of the on-disk snapshot file (Mesh(snapshot_path=...)), by result.",
+    ("result",),
+)
+SNAPSHOT_FILE_WRITE_DURATION = Family(
+    "meshlib_snapshot_file_write_duration_seconds", "histogram",
+    "Time to write the on-disk snapshot file (serialise, write, fsync, rename).",
+    (), DURATION_BUCKETS, "seconds",
+)
+
 DISCOVERY_FAMILIES: Final[tuple[Family, ...]] = (
     ETCD_CONNECTED, ETCD_STALENESS, ENDPOINTS, POLICY_REVISION, POLICY_REJECTIONS,
-    RECORD_REJECTIONS, DISCOVERY_UPDATES,
+    RECORD_REJECTIONS, DISCOVERY_UPDATES, WATCH_STREAMS_OPENED, WATCH_RELISTS, WATCH_SILENCE,
+    LEASES_LOST, LEASE_GRANTS, SNAPSHOT_FILE_WRITES, SNAPSHOT_FILE_WRITE_DURATION,
 )
 CALL_FAMILIES: Final[tuple[Family, ...]] = (
     HTTP_CLIENT_DURATION, HTTP_SERVER_DURATION, RPC_CLIENT_DURATION, RPC_SERVER_DURATION,

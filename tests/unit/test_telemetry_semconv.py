@@ -60,6 +60,7 @@ def test_duration_histograms_use_the_otel_http_buckets() -> None:
         "http_client_request_duration_seconds", "http_server_request_duration_seconds",
         "rpc_client_call_duration_seconds", "rpc_server_call_duration_seconds",
         "meshlib_client_attempt_duration_seconds",
+        "meshlib_snapshot_file_write_duration_seconds",
     }
     for f in sc.ALL_FAMILIES:
         if f.kind == "histogram":
