@@ -398,6 +398,9 @@ def _validate(cfg: ShimConfig) -> ShimConfig:
     if cfg.app_port is not None and not cfg.service:
         raise ConfigError(f"--app-port {cfg.app_port}: needs --service NAME (the name the app "
                           "is registered under)")
+    if cfg.inbound_port and not cfg.registers():
+        raise ConfigError(f"--inbound-port {cfg.inbound_port}: needs --service and --app-port "
+                          "(the app the inbound port forwards to)")
     if cfg.upstreams:
         cfg = ShimConfig(**{**cfg.__dict__, "upstreams": tuple(
             UpstreamSpec(u.service, u.port, cfg.bind) for u in cfg.upstreams)})

@@ -115,6 +115,7 @@ class AppRegistrar:
         cfg = self.config
         return {
             "service": cfg.service, "address": cfg.app_address, "port": cfg.app_port,
+            "registered_port": cfg.inbound_port or cfg.app_port,
             "protocol": cfg.protocol, "health": self.kind, "last_check_ok": self.last_ok,
             "checks": self.checks, "registered": self.registered,
             "key": self.registration.key if self.registration is not None else None,
@@ -165,8 +166,10 @@ class AppRegistrar:
     async def _register(self) -> None:
         cfg = self.config
         assert cfg.service and cfg.app_port
+        # with an inbound port, callers come through it (server metrics, access policy)
+        port = cfg.inbound_port or cfg.app_port
         self.registration = await asyncio.to_thread(
-            self.mesh.register, cfg.service, cfg.app_port, address=cfg.app_address,
+            self.mesh.register, cfg.service, port, address=cfg.app_address,
             protocol=cfg.protocol, zone=cfg.zone, labels=dict(cfg.labels), ttl=cfg.ttl,
             instance_id=cfg.instance_id, wait=False)
 
