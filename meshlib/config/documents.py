@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from meshlib.config.errors import FieldError, PolicyError
+from meshlib.config.errors import ConfigError, FieldError, PolicyError
 
-__all__ = ["kind_of", "load_policy_document", "merge_policy_dicts"]
+__all__ = ["decode_text", "kind_of", "load_policy_document", "merge_policy_dicts"]
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -92,21 +92,26 @@ def _describe_yaml_error(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
     return line, reason
 
 
+def decode_text(data: bytes | str, key: str, error: type[ConfigError]) -> str:
+    """``data`` as text: bytes must be UTF-8, else ``error(key, ...)`` names the bytes around
+    the first bad one (policy documents and instance records alike)."""
+    if not isinstance(data, bytes | bytearray):
+        return data
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(key, [FieldError(
+            "", bytes(data[max(0, exc.start - 10): exc.end + 10]),
+            f"not UTF-8 text: {exc.reason} at byte {exc.start}",
+        )]) from None
+
+
 def load_policy_document(data: bytes | str, key: str) -> dict[str, Any]:
     """Decode a YAML or JSON policy document into its raw mapping, without validating the
     schema (``{}`` for an empty document). This is the input :func:`merge_policy_dicts`
     expects. Raises :class:`PolicyError` for bad UTF-8, a syntax error, a duplicate key or a
     top level that is not a mapping."""
-    if isinstance(data, bytes | bytearray):
-        try:
-            text = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PolicyError(key, [FieldError(
-                "", bytes(data[max(0, exc.start - 10): exc.end + 10]),
-                f"not UTF-8 text: {exc.reason} at byte {exc.start}",
-            )]) from None
-    else:
-        text = data
+    text = decode_text(data, key, PolicyError)
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text.strip():

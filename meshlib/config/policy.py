@@ -47,40 +47,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from meshlib.config.documents import kind_of, load_policy_document, merge_policy_dicts
+from meshlib.config.documents import kind_of, load_policy_document
+from meshlib.config.documents import merge_policy_dicts as merge_policy_dicts  # re-export
 from meshlib.config.durations import Duration, PositiveDuration, format_duration
 from meshlib.config.errors import FieldError, PolicyError, field_errors_from_pydantic
-
-__all__ = [
-    "DEFAULT_POLICY",
-    "FrozenDict",
-    "GRPC_STATUS_NAMES",
-    "IDEMPOTENT_METHODS",
-    "AbortFault",
-    "Access",
-    "Backoff",
-    "CircuitBreaker",
-    "Concurrency",
-    "DelayFault",
-    "Ewma",
-    "Fault",
-    "HashOn",
-    "HealthCheck",
-    "Hedging",
-    "LoadBalancer",
-    "OutlierDetection",
-    "Policy",
-    "Retries",
-    "RetryBudget",
-    "Route",
-    "RouteMatch",
-    "Split",
-    "Subset",
-    "load_policy_document",
-    "merge_policy_dicts",
-    "parse_policy",
-    "parse_policy_dict",
-]
 
 _T = TypeVar("_T")
 

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from meshlib.config.documents import decode_text
 from meshlib.config.errors import FieldError, RecordError, field_errors_from_pydantic
 from meshlib.core.endpoints import Endpoint
 
@@ -92,16 +93,7 @@ def parse_instance_record(
 ) -> Endpoint:
     """Validate one instance record and return it as an :class:`Endpoint` whose ``key`` is
     ``key``. Raises :class:`RecordError` listing every problem found."""
-    if isinstance(data, bytes | bytearray):
-        try:
-            text = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecordError(key, [FieldError(
-                "", bytes(data[max(0, exc.start - 10): exc.end + 10]),
-                f"not UTF-8 text: {exc.reason} at byte {exc.start}",
-            )]) from None
-    else:
-        text = data
+    text = decode_text(data, key, RecordError)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -20,23 +20,6 @@ from meshlib.core.deadline import Deadline
 from meshlib.core.health import HealthEvent
 from meshlib.core.outcome import Outcome
 
-__all__ = [
-    "HEDGE",
-    "HEDGE_REASON",
-    "NULL_OBSERVER",
-    "WAIT",
-    "Action",
-    "Attempt",
-    "AttemptResult",
-    "CallEnd",
-    "CallGen",
-    "CallObserver",
-    "Done",
-    "FailureKind",
-    "HedgedCallGen",
-    "Sleep",
-]
-
 
 class FailureKind:
     """Why the mesh itself failed a call (stable strings: metric label values, error types)."""
@@ -248,14 +231,18 @@ def deadline_end(service: str, result: AttemptResult | None, attempts: int,
                    stopped=stopped)
 
 
-def all_blocked(service: str, result: AttemptResult | None, attempts: int,
-                candidates_all: tuple[Any, ...]) -> CallEnd:
-    return CallEnd(result, attempts, FailureKind.CIRCUIT_OPEN,
-                   f"service {service!r}: all {len(candidates_all)} endpoint(s) "
-                   "are ejected or have an open circuit breaker (or fail active health "
-                   "checks)")
+#: :func:`meshlib.core.steps.choose` found no usable endpoint (every candidate ejected, with
+#: an open breaker, or held out by a failed health check). Not an admission value.
+BLOCKED: Final = -1
 
 
-def all_refused(service: str, result: AttemptResult | None, attempts: int) -> CallEnd:
-    return CallEnd(result, attempts, FailureKind.CIRCUIT_OPEN,
-                   f"service {service!r}: circuit breakers refused every endpoint")
+def unusable_end(service: str, result: AttemptResult | None, attempts: int, candidates: int,
+                 why: int) -> CallEnd:
+    """The end of a call for which no endpoint could be used: ``why`` is :data:`BLOCKED`
+    (none usable) or ``REJECT`` (breakers refused every pick)."""
+    if why == BLOCKED:
+        message = (f"service {service!r}: all {candidates} endpoint(s) are ejected or have an "
+                   "open circuit breaker (or fail active health checks)")
+    else:
+        message = f"service {service!r}: circuit breakers refused every endpoint"
+    return CallEnd(result, attempts, FailureKind.CIRCUIT_OPEN, message)

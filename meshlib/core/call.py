@@ -54,18 +54,16 @@ from meshlib.core.actions import (
     FailureKind,
     HedgedCallGen,
     Sleep,
-    all_blocked,
-    all_refused,
     deadline_end,
     ended,
+    unusable_end,
 )
 from meshlib.core.deadline import Deadline
 from meshlib.core.destination import DestinationState, Plan
-from meshlib.core.health import REJECT
 from meshlib.core.hedged import run_hedged
 from meshlib.core.outcome import Outcome
 from meshlib.core.retry import FINISH, CallState, Fail, Retry, is_idempotent
-from meshlib.core.steps import fallback_pick, report
+from meshlib.core.steps import choose, report
 
 __all__ = [
     "HEDGE",
@@ -152,27 +150,15 @@ def run_call(
         # The plain attempt loop: pick, admit, attempt, record, decide.
         health = dest.health
         stats = dest.stats
-        balancer = plan.balancer
-        zoned = plan.zoned
         dl = state.deadline
         result: AttemptResult | None = None
-        rejects = 0
         while True:
             if dl.expired(t):
                 return deadline_end(service, result, state.attempt)
-            candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
-            ep = balancer.pick(candidates, state.tried, hash_key, t)
+            ep, admission = choose(plan, health, candidates_all, state.tried, hash_key, t)
             if ep is None:
-                ep = fallback_pick(balancer, candidates, candidates_all, state.tried,
-                                   hash_key, t)
-                if ep is None:
-                    return all_blocked(service, result, state.attempt, candidates_all)
-            admission = health.admit(ep, t)
-            if admission == REJECT:
-                rejects += 1
-                if rejects > len(candidates_all):
-                    return all_refused(service, result, state.attempt)
-                continue
+                return unusable_end(service, result, state.attempt, len(candidates_all),
+                                    admission)
             state.begin_attempt(ep.key)
             start = stats.start(ep, t)
             try:

@@ -56,16 +56,15 @@ from meshlib.core.actions import (
     HedgedCallGen,
     HedgedEnd,
     Sleep,
-    all_blocked,
-    all_refused,
     deadline_end,
     ended,
+    unusable_end,
 )
 from meshlib.core.destination import DestinationState, Plan
 from meshlib.core.health import REJECT
 from meshlib.core.outcome import Outcome
 from meshlib.core.retry import CallState, Fail, Retry
-from meshlib.core.steps import fallback_pick, report
+from meshlib.core.steps import choose, report
 
 __all__ = ["run_hedged"]
 
@@ -125,24 +124,14 @@ def run_hedged(
         return start(ep, admission, t)
 
     result: AttemptResult | None = None
-    rejects = 0
     try:
         while True:  # one round per iteration
             if state.deadline.expired(t):
                 return deadline_end(service, result, state.attempt)
-            candidates = zones.select(candidates_all, t)
-            ep = balancer.pick(candidates, state.tried, hash_key, t)
+            ep, admission = choose(plan, health, candidates_all, state.tried, hash_key, t)
             if ep is None:
-                ep = fallback_pick(balancer, candidates, candidates_all, state.tried,
-                                    hash_key, t)
-                if ep is None:
-                    return all_blocked(service, result, state.attempt, candidates_all)
-            admission = health.admit(ep, t)
-            if admission == REJECT:
-                rejects += 1
-                if rejects > len(candidates_all):
-                    return all_refused(service, result, state.attempt)
-                continue
+                return unusable_end(service, result, state.attempt, len(candidates_all),
+                                    admission)
             msg = yield start(ep, admission, t)
             while True:  # until this round's copies have all answered (or one won)
                 if msg is HEDGE:

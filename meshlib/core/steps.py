@@ -1,13 +1,13 @@
 """Steps shared by the plain (:mod:`meshlib.core.call`) and hedged (:mod:`meshlib.core.hedged`)
-attempt loops: the fallback pick and passing health events on."""
+attempt loops: choosing the endpoint of an attempt and passing health events on."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from meshlib.core.actions import CallObserver
-from meshlib.core.destination import DestinationState
-from meshlib.core.health import HealthEvent
+from meshlib.core.actions import BLOCKED, CallObserver
+from meshlib.core.destination import DestinationState, Plan
+from meshlib.core.health import REJECT, HealthEvent, HealthRegistry
 
 EMPTY: frozenset[str] = frozenset()
 
@@ -33,3 +33,27 @@ def fallback_pick(balancer: Any, candidates: tuple[Any, ...], candidates_all: tu
     if ep is None and candidates is not candidates_all:
         ep = balancer.pick(candidates_all, EMPTY, hash_key, t)
     return ep
+
+
+def choose(plan: Plan, health: HealthRegistry, candidates_all: tuple[Any, ...],
+           tried: set[str] | frozenset[str], hash_key: str | None, t: float) -> tuple[Any, int]:
+    """The endpoint of the next attempt and the breaker's admission for it.
+
+    Zone filter, then the balancer (skipping ``tried`` and unusable endpoints), then
+    :func:`fallback_pick`, then ``HealthRegistry.admit``. Returns ``(endpoint, admission)``;
+    ``(None, BLOCKED)`` when no endpoint is usable; ``(None, REJECT)`` when breakers refused
+    ``len(candidates_all) + 1`` picks in a row (a refusal blocks that endpoint, so the next
+    pick goes elsewhere: the bound only ends a loop of breakers flipping under concurrency).
+    """
+    balancer = plan.balancer
+    for _ in range(len(candidates_all) + 1):
+        candidates = plan.zones.select(candidates_all, t) if plan.zoned else candidates_all
+        ep = balancer.pick(candidates, tried, hash_key, t)
+        if ep is None:
+            ep = fallback_pick(balancer, candidates, candidates_all, tried, hash_key, t)
+            if ep is None:
+                return None, BLOCKED
+        admission = health.admit(ep, t)
+        if admission != REJECT:
+            return ep, admission
+    return None, REJECT

@@ -147,6 +147,7 @@ def _reference_loop(dest: DestinationState, clock: Clock,
             if rejects > len(candidates_all):
                 return ("circuit_open", state.attempt, None), picks
             continue
+        rejects = 0  # the bound on refusals is per attempt
         state.begin_attempt(ep.key)
         start = stats.start(ep, t)
         picks.append(during(dest, ep.key, retry.attempt_timeout(state, t)))
