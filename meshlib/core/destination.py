@@ -21,13 +21,13 @@ from itertools import repeat
 from typing import Any, Protocol
 
 from meshlib.core.balancer import Balancer, LoadStats, ZoneFilter, hash_key_source, make_balancer
+from meshlib.core.breaker_mirror import pybreaker_mirror
 from meshlib.core.budget import RetryBudget
 from meshlib.core.endpoints import ServiceSnapshot
 from meshlib.core.health import (
     EventKind,
     HealthEvent,
     HealthRegistry,
-    pybreaker_mirror,
 )
 from meshlib.core.retry import RetryPolicy
 from meshlib.core.routing import FaultInjector, Router
@@ -166,7 +166,7 @@ class DestinationState:
         """Tell pybreaker listeners of breaker transitions (``Mesh(breaker_listeners=)``).
 
         Each endpoint gets a ``pybreaker.CircuitBreaker`` mirror whose storage reads our
-        state (:func:`meshlib.core.health.pybreaker_mirror`); every transition event is
+        state (:func:`meshlib.core.breaker_mirror.pybreaker_mirror`); every transition event is
         passed to each listener's ``state_change(breaker, old, new)`` in order, so a
         half-open trial that closes the breaker is heard as two transitions. Rare
         (transitions only) and skipped without listeners.

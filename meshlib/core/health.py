@@ -16,8 +16,8 @@ calls; a trial success closes it, a trial failure re-opens it. Unlike pybreaker'
 serialising all callers), and unlike its ``calling()`` the half-open state really admits only
 ``half_open_max_calls`` callers. Use :meth:`HealthRegistry.admit` before the attempt and
 :meth:`HealthRegistry.record` after it, always (try/finally), or a trial slot leaks.
-:func:`pybreaker_mirror` exposes a slot as a ``pybreaker.CircuitBreaker`` (storage backed by
-the slot) so pybreaker's listeners fire on our transitions; see ``docs/core.md``.
+:func:`meshlib.core.breaker_mirror.pybreaker_mirror` exposes a slot as a
+``pybreaker.CircuitBreaker`` (storage backed by the slot) so pybreaker's listeners fire on our transitions; see ``docs/core.md``.
 
 Outlier detection (Envoy ``outlier_detection``, architecture overview "Outlier detection"):
 
@@ -58,7 +58,6 @@ import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from meshlib.core.endpoints import Endpoint, endpoint_key
@@ -82,8 +81,6 @@ __all__ = [
     "HealthEvent",
     "HealthRegistry",
     "HealthSlot",
-    "pybreaker_mirror",
-    "sync_mirror",
 ]
 
 # Breaker states: the same strings as pybreaker's STATE_CLOSED / STATE_OPEN / STATE_HALF_OPEN.
@@ -523,109 +520,3 @@ class HealthRegistry:
                 if ev is not None:
                     events.append(ev)
         return tuple(events)
-
-
-# --------------------------------------------------------------------------- pybreaker
-
-_storage_cls: Any = None
-
-
-def _storage_class() -> Any:
-    """A ``pybreaker.CircuitBreakerStorage`` whose state is a :class:`HealthSlot`'s.
-
-    Defined lazily so that importing :mod:`meshlib.core.health` does not import pybreaker.
-    """
-    global _storage_cls
-    if _storage_cls is not None:
-        return _storage_cls
-    import pybreaker
-
-    class SlotStorage(pybreaker.CircuitBreakerStorage):  # type: ignore[misc]
-        """Read-only view of a slot: our state machine is the source of truth, so
-        pybreaker's writes (counter resets on transitions) are ignored."""
-
-        def __init__(self, slot: HealthSlot, registry: HealthRegistry,
-                     wall_now: Callable[[], datetime]) -> None:
-            super().__init__(slot.key)
-            self._slot = slot
-            self._registry = registry
-            self._wall_now = wall_now
-
-        @property
-        def state(self) -> str:
-            return self._slot.state
-
-        @state.setter
-        def state(self, state: str) -> None:
-            pass
-
-        def increment_counter(self) -> None:
-            pass
-
-        def reset_counter(self) -> None:
-            pass
-
-        def increment_success_counter(self) -> None:
-            pass
-
-        def reset_success_counter(self) -> None:
-            pass
-
-        @property
-        def counter(self) -> int:
-            return self._slot.failures
-
-        @property
-        def success_counter(self) -> int:
-            return 0
-
-        @property
-        def opened_at(self) -> datetime | None:
-            s = self._slot
-            if s.state is CLOSED:
-                return None
-            ago = self._registry._now() - s.opened_at
-            return self._wall_now() - timedelta(seconds=ago)
-
-        @opened_at.setter
-        def opened_at(self, value: datetime) -> None:
-            pass
-
-    _storage_cls = SlotStorage
-    return SlotStorage
-
-
-def pybreaker_mirror(
-    registry: HealthRegistry,
-    key: str,
-    *,
-    listeners: Iterable[Any] = (),
-    name: str | None = None,
-    wall_now: Callable[[], datetime] | None = None,
-) -> Any:
-    """A ``pybreaker.CircuitBreaker`` that mirrors the breaker of endpoint ``key``.
-
-    Its storage reads the slot, so ``current_state`` and ``fail_counter`` are ours. Reading
-    its ``state`` property after our state changed makes pybreaker notice the change (its
-    "changed elsewhere" path, meant for shared Redis storage) and call every listener's
-    ``state_change``. Drivers call :func:`sync_mirror` after :meth:`HealthRegistry.admit` /
-    :meth:`HealthRegistry.record` returned a breaker transition. Never use its ``call()`` or
-    ``calling()`` for admission: that is what :meth:`HealthRegistry.admit` is for.
-    """
-    import pybreaker
-
-    slot = registry.slot(key)
-    storage = _storage_class()(slot, registry, wall_now or (lambda: datetime.now(UTC)))
-    return pybreaker.CircuitBreaker(
-        fail_max=max(1, registry.failure_threshold),
-        reset_timeout=registry.reset_timeout,
-        listeners=list(listeners),
-        state_storage=storage,
-        name=name or key,
-    )
-
-
-def sync_mirror(breaker: Any) -> str:
-    """Let a :func:`pybreaker_mirror` breaker notice our state; returns the state name."""
-    return str(breaker.state.name)
-

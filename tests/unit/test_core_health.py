@@ -9,6 +9,7 @@ import pybreaker
 import pytest
 
 from meshlib.config.policy import parse_policy_dict
+from meshlib.core.breaker_mirror import pybreaker_mirror, sync_mirror
 from meshlib.core.health import (
     ADMIT,
     CLOSED,
@@ -19,8 +20,6 @@ from meshlib.core.health import (
     TRIAL,
     EventKind,
     HealthRegistry,
-    pybreaker_mirror,
-    sync_mirror,
 )
 from meshlib.core.outcome import Outcome
 
