@@ -2,7 +2,7 @@
 
 For each request the app sends to the shim's port (``Host: orders`` or an absolute-form
 target ``http://orders/...``), this module does only I/O around ``meshlib.core.call.run_call``,
-exactly as ``meshlib.http.transport.AsyncMeshTransport`` does for Python callers:
+exactly as ``meshlib.http.AsyncMeshTransport`` does for Python callers:
 
 1. destination: ``safety.check_destination`` (refusals), then the service's
    ``DestinationState`` and telemetry recorder from the ``Mesh`` (the same objects a library

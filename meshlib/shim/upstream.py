@@ -1,7 +1,7 @@
 """The shim's upstream HTTP/1.1 connections: per-endpoint idle stacks on asyncio, framed by
 the mesh's own sans-I/O ``meshlib.http.wire``.
 
-Why not ``meshlib.http.connections.AsyncPool``: it speaks httpx (``httpx.Request`` streams in,
+Why not ``meshlib.http._async.pool.AsyncPool``: it speaks httpx (``httpx.Request`` streams in,
 ``httpx.Response`` out), and the shim needs to stream the app's request body in and the
 upstream response body out without either object, keep an idle timeout shorter than the
 servers' keep-alive, and know whether a failed exchange ran on a *reused* connection that
