@@ -1,2 +1,6 @@
-"""The async HTTP driver, written once: the sync twin in ``meshlib/http/_sync/`` is generated
-from these modules by ``scripts/unasync.py`` (edit here, then run it)."""
+"""The HTTP driver: connection pool (``pool``) and httpx transport (``transport``).
+
+The modules in ``meshlib/http/_async/`` are the source; those in ``meshlib/http/_sync/`` are
+generated from them by ``scripts/unasync.py`` (edit the source, then run it). The I/O that
+differs between the two lives by hand in ``meshlib/http/backends/``.
+"""

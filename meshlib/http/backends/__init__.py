@@ -7,19 +7,16 @@ and the sync code in ``meshlib/http/_sync/`` is generated from it by ``scripts/u
 same names in them (the generator maps ``backends.aio`` to ``backends.sync`` and
 ``Async<Name>`` to ``Sync<Name>``):
 
-========================  ==============================  ================================
-member                    ``aio`` (asyncio)                ``sync`` (blocking)
-========================  ==============================  ================================
-``connect(key, timeout)``  ``loop.create_connection``       ``socket.create_connection``
-``<X>Connection``          an ``asyncio.Protocol``          a blocking socket
-``  .fill(timeout)``       wait for ``data_received``       ``recv``
-``  .send(data, timeout)`` ``write``, drain when paused     ``sendall``
-``  .usable()``            EOF / bytes seen by the protocol a non-blocking ``MSG_PEEK``
-``  .park()``              resume reading when paused       (nothing to do)
-``discard(response)``      read to the end, then close      the same, blocking
-``sleep(seconds)``         ``asyncio.sleep``                ``time.sleep``
-``<X>Hedges``              one task per hedged attempt      a small thread pool
-========================  ==============================  ================================
+* ``connect(key, timeout)``: ``loop.create_connection`` / ``socket.create_connection``;
+* ``AsyncConnection`` / ``SyncConnection``: an ``asyncio.Protocol`` / a blocking socket, with
+  ``fill(timeout)`` (wait for ``data_received`` / ``recv``), ``send(data, timeout)``
+  (``write``, draining when paused / ``sendall``), ``usable()`` (EOF, error or bytes seen by
+  the protocol / a non-blocking ``MSG_PEEK``), ``park()`` (resume reading when paused /
+  nothing to do) and ``close()``;
+* ``discard(response)``: read a response to its end and close it;
+* ``sleep(seconds)``: ``asyncio.sleep`` / ``time.sleep``;
+* ``AsyncHedges`` / ``SyncHedges``: the attempts of hedged calls as tasks / on a small thread
+  pool (``start``, ``wait_first``, ``cancel``, ``drop``, ``close``).
 
 A connection raises the httpx exceptions httpx's own transport raises (``ConnectError``,
 ``ConnectTimeout``, ``ReadTimeout``, ``WriteTimeout``, ``ReadError``, ``WriteError``).
