@@ -214,7 +214,8 @@ def _configure_tracing(mode: str) -> None:
     from meshlib.telemetry import tracing
 
     if mode == "passthrough":
-        tracing.configure(propagate_without_sdk=True)
+        # nothing to do: the app's traceparent/tracestate/baggage are forwarded as received
+        # (the shim copies end-to-end fields), with no per-request propagation work
         return
     try:
         from opentelemetry.sdk.trace import TracerProvider

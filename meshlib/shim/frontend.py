@@ -525,7 +525,7 @@ class Responder:
     """Writes one response to the client, framing it (see the module docstring)."""
 
     __slots__ = ("conn", "req", "started", "chunked", "close_after", "no_body", "tunnelled",
-                 "status")
+                 "status", "pending")
 
     def __init__(self, conn: ServerConnection, req: Request) -> None:
         self.conn = conn
@@ -535,13 +535,17 @@ class Responder:
         self.no_body = False
         self.tunnelled = False
         self.status = 0
+        self.pending: bytes | None = None  # the head, not written yet
         srv = conn.server
         self.close_after = (not req.keep_alive) or srv.draining or req.upgrade
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]],
-              length: int | None) -> None:
+              length: int | None, hold: bool = True) -> None:
         """Send the head. ``headers`` must not contain framing or hop-by-hop fields except
-        ``Content-Length`` when ``length`` is given (HEAD/304 keep the upstream's value)."""
+        ``Content-Length`` when ``length`` is given (HEAD/304 keep the upstream's value).
+        ``hold``: keep the head until the first body bytes or :meth:`end` (one write for a
+        small response); pass False when the body may be slow to come (the client must see
+        the head at once)."""
         req = self.req
         self.started = True
         self.status = status
@@ -572,29 +576,45 @@ class Responder:
         elif req.version == "1.0":
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.conn._write(b"".join(parts))
+        head = b"".join(parts)
+        if hold:
+            self.pending = head
+        else:
+            self.conn._write(head)
 
     async def write(self, data: bytes) -> None:
         if self.no_body or not data:
             return
         conn = self.conn
         if self.chunked:
-            conn._write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            conn._write(data)
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            if len(data) < 65536:
+                data = pending + data
+            else:
+                conn._write(pending)
+        conn._write(data)
         if conn.write_paused:
             await conn.drain()
         if conn.closed:
             raise ConnectionResetError("client closed the connection")
 
     def end(self) -> None:
-        if self.chunked and not self.no_body:
-            self.conn._write(b"0\r\n\r\n")
+        tail = b"0\r\n\r\n" if self.chunked and not self.no_body else b""
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            tail = pending + tail
+        if tail:
+            self.conn._write(tail)
 
     def abort(self) -> None:
         """The response cannot be completed (upstream failed mid-body): close the connection
         without the final chunk, so the client sees an incomplete message, not a short one."""
         self.close_after = True
+        self.pending = None
         t = self.conn.transport
         if t is not None:
             t.abort()

@@ -80,7 +80,7 @@ class InboundProxy:
                         length = int(value)
                     else:
                         headers.append((name, value))
-                resp.start(int(message["status"]), headers, length)
+                resp.start(int(message["status"]), headers, length, hold=False)
             elif message["type"] == "http.response.body":
                 await resp.write(message.get("body", b""))
                 if not message.get("more_body"):

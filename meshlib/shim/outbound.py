@@ -137,6 +137,8 @@ class OutboundProxy:
         self.own_ports = config.own_ports() if own_ports is None else own_ports
         self.resolve_timeout = resolve_timeout
         self.routes: dict[str, _Route] = {}
+        #: Host field value -> service name or the Refusal it gets (checks are pure)
+        self._by_host: dict[bytes, str | tuple[int, str, str]] = {}
         self.caller = config.service.encode() if config.service else None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,9 +155,20 @@ class OutboundProxy:
                           "mesh services only", "connect")
         target = req.target
         if target.startswith(b"/"):
-            if req.host is None:
+            raw = req.host
+            if raw is None:
                 raise Refusal(400, "missing Host header field", "no_host")
-            host, port = split_authority(req.host)
+            known = self._by_host.get(raw)  # the common case: one dict lookup
+            if known is None:
+                try:
+                    known = check_destination(*split_authority(raw), self.own_ports)
+                except Refusal as refusal:
+                    known = (refusal.status, refusal.reason, refusal.code)
+                if len(self._by_host) < MAX_DESTINATIONS:
+                    self._by_host[raw] = known
+            if isinstance(known, tuple):
+                raise Refusal(*known)  # a new exception each time (no growing traceback)
+            return known, target
         elif target == b"*":
             raise Refusal(400, "asterisk-form target is not forwarded", "bad_target")
         else:
@@ -266,7 +279,7 @@ class OutboundProxy:
             headers.append((CALLER_HEADER, self.caller))
 
         token = None
-        if tracing.state.tracer is not None or tracing.state.passthrough or tracing.enabled():
+        if tracing.state.tracer is not None or tracing.enabled():
             ctx = tracing.extract(req.headers)
             if ctx is not None:
                 token = otel_context.attach(ctx)
@@ -449,7 +462,8 @@ class OutboundProxy:
             for name, value in up.headers:
                 if name.lower() == b"content-length" and value.isdigit():
                     length = int(value)  # HEAD: the length the GET would have had
-        resp.start(up.status, headers, length)
+        # hold the head back for one write with the body only when body bytes are already here
+        resp.start(up.status, headers, length, hold=reader.done or bool(up.conn.buf))
         try:
             async for chunk in up.body():
                 await resp.write(chunk)

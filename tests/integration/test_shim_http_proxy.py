@@ -220,3 +220,13 @@ def test_many_concurrent_requests(shim, mmesh, ups):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_trace_context_passes_through_unchanged_by_default(shim, mmesh, ups):
+    """``--tracing passthrough`` (the default): a non-participating intermediary."""
+    name, (up,) = _service(mmesh, ups)
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    exchange(shim.port, f"GET / HTTP/1.1\r\nHost: {name}\r\ntraceparent: {tp}\r\n"
+             "tracestate: a=1\r\nConnection: close\r\n\r\n".encode())
+    got = up.received[-1].headers
+    assert (got["traceparent"], got["tracestate"]) == (tp, "a=1")
