@@ -253,6 +253,8 @@ class ServerConnection(asyncio.Protocol):
         d = self.drained
         if d is not None and not d.done():
             d.set_result(None)
+        if self.tunnel is not None:
+            self.tunnel.client_drained()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -609,6 +611,19 @@ class Responder:
             tail = pending + tail
         if tail:
             self.conn._write(tail)
+
+    def switch(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the endpoint's ``101 Switching Protocols`` (with its ``Upgrade`` and
+        ``Connection: upgrade``); the connection then belongs to a tunnel."""
+        self.started = True
+        self.tunnelled = True
+        self.status = 101
+        self.no_body = True
+        parts = [status_line(101)]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.conn._write(b"".join(parts))
 
     def abort(self) -> None:
         """The response cannot be completed (upstream failed mid-body): close the connection

@@ -70,6 +70,7 @@ from meshlib.http.errors import (
 from meshlib.server.common import inbound_deadline
 from meshlib.shim.frontend import BodyError, Request, Responder
 from meshlib.shim.safety import Refusal, check_destination, split_authority, strip_hop_by_hop
+from meshlib.shim.tunnel import Tunnel
 from meshlib.shim.upstream import StaleConnectionError, UpstreamPool, UpstreamResponse
 from meshlib.telemetry import tracing
 
@@ -244,9 +245,6 @@ class OutboundProxy:
         started = perf_counter()
         try:
             service, target = self.destination(req)
-            if req.upgrade:
-                raise Refusal(501, "Upgrade requests are not tunnelled by this shim yet",
-                              "upgrade")
             route = await self.route(service)
         except Refusal as r:
             await resp.simple(r.status, r.reason, [(b"X-Mesh-Refused", r.code.encode())])
@@ -265,8 +263,10 @@ class OutboundProxy:
             status = req.body.error_status if req.body is not None else 400
             await resp.simple(status, str(exc))
             return
-        headers = strip_hop_by_hop(req.headers, drop=_DROP_REQUEST)
+        headers = strip_hop_by_hop(req.headers, drop=_DROP_REQUEST, keep_upgrade=req.upgrade)
         headers.insert(0, (b"Host", service.encode()))
+        if req.upgrade:
+            replayable = False  # an upgrade is never sent twice
         if isinstance(body, bytes):
             if body or req.content_length is not None or req.chunked:
                 headers.append((b"Content-Length", b"%d" % len(body)))
@@ -360,7 +360,12 @@ class OutboundProxy:
             await resp.simple(response.status_code, response.text,
                               [(b"X-Mesh-Fault", b"abort")])
             return
-        await self._relay(resp, cast(UpstreamResponse, response))
+        up = cast(UpstreamResponse, response)
+        if up.status == 101 and req.upgrade:
+            resp.switch(strip_hop_by_hop(up.headers, keep_upgrade=True))
+            Tunnel(resp.conn, up.conn).start(req.tail)
+            return
+        await self._relay(resp, up)
 
     async def _attempt(self, action: Attempt, method: str, target: bytes,
                        headers: list[tuple[bytes, bytes]], body: bytes | _OnceBody, span: Any,

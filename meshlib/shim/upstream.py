@@ -71,12 +71,16 @@ class _Conn(asyncio.Protocol):
         self.paused = False
         self.reading_paused = False
         self.drained: asyncio.Future[Any] | None = None
+        self.tunnel: Any = None  # a tunnel.Tunnel after a 101: bytes go straight through
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
         self.buf += data
         if len(self.buf) > _READ_HIGH and not self.reading_paused:
             self.reading_paused = True
@@ -86,18 +90,25 @@ class _Conn(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
+        if self.tunnel is not None:
+            self.tunnel.upstream_eof()
+            return True  # half-close: keep sending the app's bytes
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.eof = True
         self._wake()
         self.resume_writing()
+        if self.tunnel is not None:
+            self.tunnel.upstream_lost()
 
     def pause_writing(self) -> None:
         self.paused = True
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.tunnel is not None:
+            self.tunnel.upstream_drained()
         d = self.drained
         if d is not None and not d.done():
             d.set_result(None)
