@@ -7,16 +7,19 @@ build a driver: an httpx transport over a fixed snapshot, with no etcd and no ``
 
 from __future__ import annotations
 
+import ast
 import functools
 import http.server
 import inspect
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import meshlib
 from meshlib.config import DEFAULT_POLICY
 from meshlib.core.destination import DestinationState
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
@@ -27,9 +30,24 @@ from meshlib.telemetry.recorders import HttpClientRecorder, RpcClientRecorder
 PORT_MEMBERS = ("service", "destination", "call_observer", "add_listener", "watch", "snapshot")
 
 
-def test_port_declares_exactly_the_members_drivers_use() -> None:
+def test_port_declares_the_six_members() -> None:
     declared = {n for n in vars(MeshPort) if not n.startswith("_")}
     assert declared == set(PORT_MEMBERS)
+
+
+@pytest.mark.parametrize("package", ["http", "grpc", "server"])
+def test_drivers_import_the_port_not_the_facade(package: str) -> None:
+    """Arrows run from drivers to the port: no driver module imports ``meshlib.mesh`` (not
+    even for typing), so mypy holds every driver to the port's members alone."""
+    root = Path(meshlib.__file__).parent / package
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "meshlib.mesh" or (
+                    isinstance(node, ast.Import)
+                    and any(a.name == "meshlib.mesh" for a in node.names)):
+                offenders.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert offenders == []
 
 
 @pytest.mark.parametrize("name", [n for n in PORT_MEMBERS if n != "service"])
