@@ -200,3 +200,50 @@ def test_bad_configuration_stops_the_shim_naming_the_flag(tmp_path):
     finally:
         taken.close()
 
+
+
+def test_grpc_app_registered_by_grpc_health_and_called_through_an_upstream_listener(
+        etcd_server, mmesh):
+    """A gRPC app: registered once grpc.health.v1 says SERVING, deregistered when it says
+    NOT_SERVING; an ``--upstream`` listener of the same shim reaches it; the shim drains and
+    stops the listener on SIGTERM."""
+    from concurrent import futures
+
+    import grpc
+
+    from meshlib.grpc.health import add_health_servicer
+
+    serving = {"status": 1}
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
+
+    class AnyMethod(grpc.GenericRpcHandler):
+        def service(self, details):  # noqa: ANN001
+            if details.method.startswith("/grpc.health"):
+                return None
+            return grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"pong:" + req)
+
+    add_health_servicer(server, lambda _svc: serving["status"])
+    server.add_generic_rpc_handlers((AnyMethod(),))
+    app_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    name = f"grpc-{uuid.uuid4().hex[:6]}"
+    listener = free_port()
+    shim = ShimProcess(etcd_server.endpoint, _prefix(mmesh), "--service", name, "--app-port",
+                       str(app_port), "--protocol", "grpc", "--upstream", f"{name}={listener}",
+                       *FAST_HEALTH, wait="/ready", drain=0.3)
+    try:
+        (ep,) = mmesh.wait_for(name).endpoints
+        assert ep.protocol == "grpc"
+        with grpc.insecure_channel(f"127.0.0.1:{listener}",
+                                   options=[("grpc.enable_http_proxy", 0)]) as ch:
+            assert ch.unary_unary("/demo.Ping/Ping")(b"x", timeout=5) == b"pong:x"
+        ups = shim.admin_json("/config")["upstreams"]
+        assert [(u["service"], u["port"]) for u in ups] == [(name, listener)]
+        serving["status"] = 2  # NOT_SERVING
+        wait_endpoints(mmesh, name, 0)
+        serving["status"] = 1
+        wait_endpoints(mmesh, name, 1)
+        assert shim.terminate() == 0
+    finally:
+        shim.close()
+        server.stop(0)
