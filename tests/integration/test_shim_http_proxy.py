@@ -230,3 +230,34 @@ def test_trace_context_passes_through_unchanged_by_default(shim, mmesh, ups):
              "tracestate: a=1\r\nConnection: close\r\n\r\n".encode())
     got = up.received[-1].headers
     assert (got["traceparent"], got["tracestate"]) == (tp, "a=1")
+
+
+def _series(text: str, family: str, service: str) -> dict[str, set[str]]:
+    """label name -> values of ``family`` samples for ``service`` in an exposition."""
+    out: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if not line.startswith(family + "{") or f'server_address="{service}"' not in line:
+            continue
+        labels = line[len(family) + 1:line.index("}")]
+        for part in labels.split('",'):
+            k, _, v = part.partition('="')
+            out.setdefault(k, set()).add(v.rstrip('"'))
+    return out
+
+
+def test_shim_and_library_expose_identical_series(shim, mmesh, ups):
+    """The same call through the library and through the shim: same families, label names,
+    label values and histogram buckets."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    name, (up,) = _service(mmesh, ups)
+    with mmesh.http_client() as client:
+        assert client.get(f"http://{name}/m").status_code == 200
+    assert status_of(exchange(shim.port, f"GET /m HTTP/1.1\r\nHost: {name}\r\n"
+                              "Connection: close\r\n\r\n".encode())) == 200
+    lib = generate_latest(REGISTRY).decode()
+    via_shim = shim.admin("/metrics")[1].decode()
+    for family in ("http_client_request_duration_seconds_bucket",
+                   "meshlib_client_attempt_duration_seconds_bucket"):
+        a, b = _series(lib, family, name), _series(via_shim, family, name)
+        assert a and a == b, (family, a, b)
