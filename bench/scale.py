@@ -42,7 +42,9 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import statistics
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -368,8 +370,10 @@ def deep_size(root: Any) -> int:
 
 
 def one_mesh(etcd: Any, client: Any, args: argparse.Namespace, target: str, label: str,
-             modes: tuple[str, ...], first_seq: int) -> dict[str, Any]:
-    """One Mesh on ``target`` watching every service: sync, watches, memory, then churn."""
+             modes: tuple[str, ...], first_seq: int,
+             snapshot_path: str | None = None) -> dict[str, Any]:
+    """One Mesh on ``target`` watching every service: sync, watches, memory, then churn
+    (with ``snapshot_path``: also the on-disk snapshot's writes)."""
     from meshlib import Mesh
 
     n, m = args.services, args.instances
@@ -378,7 +382,7 @@ def one_mesh(etcd: Any, client: Any, args: argparse.Namespace, target: str, labe
     gc.collect()
     rss0 = rss_kib()
     tracker = Tracker(n, m)
-    mesh = Mesh(target, prefix=PREFIX, handle_sigterm=False)
+    mesh = Mesh(target, prefix=PREFIX, handle_sigterm=False, snapshot_path=snapshot_path)
     mesh.add_listener(tracker)
     t0 = time.monotonic()
     for i in range(n):
@@ -427,7 +431,11 @@ def one_mesh(etcd: Any, client: Any, args: argparse.Namespace, target: str, labe
                         "time(s) during churn")
     res["etcd_rss_churned_kib"] = rss_kib(etcd.pid)
     res["db_size"] = client.status()["db_size"]
+    writer = mesh.store._writer
     mesh.close()
+    if writer is not None:
+        res["file"] = {"writes": writer.writes, "seconds": writer.write_seconds,
+                       "max_s": writer.max_write_seconds, "bytes": writer.last_bytes}
     return res
 
 
@@ -771,6 +779,61 @@ def watcher_cost(etcd: Any, client: Any, target: str, label: str, args: argparse
 # --------------------------------------------------------------------------- report
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-metric median of several one_mesh results (the fields phase 2b reports)."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    out = dict(runs[-1])
+    out["sync_s"] = med([r["sync_s"] for r in runs])
+    for mode in ("churn_seq", "churn_txn"):
+        out[mode] = {k: med([r[mode][k] for r in runs]) for k in runs[0][mode]}
+    return out
+
+
+def report_snapshot(one: dict[str, Any], snap: dict[str, Any], rounds: int = 1) -> None:
+    """Phase 2b: the same Mesh without and with ``snapshot_path``, side by side."""
+    print(f"== 2b. Mesh(snapshot_path=...): without | with, median of {rounds} run(s) each "
+          "(target: within 1.5x)")
+    pairs = [
+        ("initial sync (all snapshots full)", one["sync_s"], snap["sync_s"], "s", False),
+        ("change latency p50 (one put at a time)", one["churn_seq"]["lag_p50_ms"],
+         snap["churn_seq"]["lag_p50_ms"], "ms", False),
+        ("change latency p99", one["churn_seq"]["lag_p99_ms"], snap["churn_seq"]["lag_p99_ms"],
+         "ms", False),
+        ("updates/s, one put at a time", one["churn_seq"]["apply_rate"],
+         snap["churn_seq"]["apply_rate"], "/s", True),
+        ("updates/s, Txns of 100 puts", one["churn_txn"]["apply_rate"],
+         snap["churn_txn"]["apply_rate"], "/s", True),
+    ]
+    for label, a, b, unit, higher_better in pairs:
+        ratio = (a / b if higher_better else b / a) if a and b else float("nan")
+        row(label, f"{a:.2f} | {b:.2f} {unit}", f"cost x{ratio:.2f}")
+    f = snap.get("file") or {}
+    writes = f.get("writes", 0)
+    row("snapshot file writes (whole run)", f"{writes}",
+        f"{f.get('bytes', 0) / 2**20:.1f} MiB each; mean "
+        f"{f.get('seconds', 0) / max(1, writes) * 1000:.0f} ms, max "
+        f"{f.get('max_s', 0) * 1000:.0f} ms, off the watch thread")
+
+
+def snapshot_line(n: int, m: int, one: dict[str, Any], snap: dict[str, Any]) -> str:
+    return (
+        f"scale_snapshot services={n} instances={n * m} "
+        f"sync_s={one['sync_s']:.2f} sync_s_snapshot={snap['sync_s']:.2f} "
+        f"lag_p50_ms={one['churn_seq']['lag_p50_ms']:.1f} "
+        f"lag_p50_ms_snapshot={snap['churn_seq']['lag_p50_ms']:.1f} "
+        f"updates_per_s={one['churn_seq']['apply_rate']:.0f} "
+        f"updates_per_s_snapshot={snap['churn_seq']['apply_rate']:.0f} "
+        f"burst_updates_per_s={one['churn_txn']['apply_rate']:.0f} "
+        f"burst_updates_per_s_snapshot={snap['churn_txn']['apply_rate']:.0f} "
+        f"file_writes={(snap.get('file') or {}).get('writes', 0)} problems={len(problems)}"
+    )
+
+
 def report_counts(label: str, c: dict[str, float], expected: str) -> None:
     row(f"{label}: etcd watch streams / watchers",
         f"{c['streams']:.0f} / {c['watchers']:.0f}", expected)
@@ -795,6 +858,10 @@ def main() -> None:
     ap.add_argument("--cost-watches", type=int, default=1000, help="watches per stream there")
     ap.add_argument("--sync-timeout", type=float, default=60.0)
     ap.add_argument("--proxy-sync-timeout", type=float, default=20.0)
+    ap.add_argument("--snapshot-only", action="store_true",
+                    help="only phases 1 and 2: one Mesh without and with snapshot_path")
+    ap.add_argument("--snapshot-rounds", type=int, default=0,
+                    help="runs of each (without / with snapshot_path), alternating")
     args = ap.parse_args()
     if args.groups * args.per_client > args.services or args.cost_watches > args.services:
         ap.error("--groups x --per-client and --cost-watches must not exceed --services")
@@ -821,6 +888,31 @@ def main() -> None:
             f"{etcd_rss_loaded / 1024:.0f} MiB")
 
         one = one_mesh(etcd, client, args, etcd.endpoint, "direct", ("seq", "txn"), 1)
+        # Side by side: without / with snapshot_path, alternating, --snapshot-rounds runs of
+        # each (2 by default with --snapshot-only, else 1), reporting the median of each.
+        rounds = args.snapshot_rounds or (2 if args.snapshot_only else 1)
+        plain, snaps = [one], []
+        seq0 = 1 + 3 * args.churn
+        for r in range(rounds):
+            order = ("snap", "plain") if r % 2 == 0 else ("plain", "snap")
+            for kind in order:
+                if kind == "plain" and len(plain) > r:
+                    continue
+                with tempfile.TemporaryDirectory(prefix="meshlib-bench-") as tmp:
+                    res = one_mesh(etcd, client, args, etcd.endpoint, f"direct ({kind})",
+                                   ("seq", "txn"), seq0,
+                                   os.path.join(tmp, "snap.json") if kind == "snap" else None)
+                seq0 += 2 * args.churn
+                (snaps if kind == "snap" else plain).append(res)
+        snap = median_run(snaps)
+        report_snapshot(median_run(plain), snap, rounds)
+        if args.snapshot_only:
+            client.close()
+            print(f"== PROBLEMS ({len(problems)})")
+            for p in problems:
+                print(f"  - {p}")
+            print(snapshot_line(n, m, median_run(plain), snap))
+            return
         print(f"== 2. one Mesh watching all {n} services (one Watch stream)")
         row("initial sync (all snapshots full)", f"{one['sync_s']:.2f} s",
             f"{n / one['sync_s']:.0f} services/s")
@@ -965,6 +1057,9 @@ def main() -> None:
         f"direct_p99_ms={md['prop']['p99_ms']:.1f} proxy_p99_ms={mp_['prop']['p99_ms']:.1f} "
         f"raw_direct_p99_ms={rd['prop']['p99_ms']:.1f} raw_proxy_p99_ms={rp['prop']['p99_ms']:.1f} "
         f"meshlib_via_proxy={via_state} "
+        f"sync_s_snapshot={snap['sync_s']:.2f} "
+        f"updates_per_s_snapshot={snap['churn_seq']['apply_rate']:.0f} "
+        f"burst_updates_per_s_snapshot={snap['churn_txn']['apply_rate']:.0f} "
         f"problems={len(problems)}"
     )
 

@@ -10,10 +10,12 @@ snapshot swap: at 1,000 services x 10 instances the initial load took ~50 s inst
   insert under the store's lock). A writer thread writes at most once every ``interval`` seconds
   (default 1 s) after a change, and once more at ``close()`` if anything is still unwritten. A
   burst of 10,000 changes therefore costs one or two writes, never 10,000.
-* **Cost per write is bounded.** Each service's part of the document is serialised once and kept
-  as a JSON fragment; a write re-serialises only the services marked since the last write (copied
-  under the store's lock, serialised outside it), then joins the fragments: linear in the size of
-  the file, with no work for services that did not change.
+* **Cost per write is bounded.** Each service's part of the document is built once and kept as a
+  JSON fragment; a write rebuilds only the services marked since the last write (copied under the
+  store's lock, built outside it), then joins the fragments: linear in the size of the file, with
+  no work for services that did not change. Instance records are embedded as the JSON text etcd
+  holds (the store keeps it for this), so building a fragment joins strings rather than encoding
+  objects.
 * **Atomic.** The document goes to a temporary file in the same directory
   (``.<name>.<random>.tmp``), is flushed and ``fsync``-ed, then renamed over ``path``
   (``os.replace``, atomic on POSIX) and the directory is ``fsync``-ed. A crash at any moment
@@ -56,7 +58,8 @@ log = logging.getLogger("meshlib.discovery")
 FORMAT = "meshlib-snapshot/1"
 
 #: ``export(services)`` -> ``(default_policy, {service: part or None if gone})``; ``services``
-#: None means every service. Called with the store's lock held by the store itself.
+#: None means every service; a part is ``{"instances": {key: record JSON text}, "policy": doc,
+#: "policy_revision": int}``. The store takes its own lock inside.
 Export = Callable[[set[str] | None], tuple[dict[str, Any], dict[str, dict[str, Any] | None]]]
 
 
@@ -83,6 +86,26 @@ def read_snapshot_file(path: str, prefix: str) -> dict[str, Any] | None:
         )
         return None
     return doc
+
+
+def _json_key(key: str) -> str:
+    """``key`` as a JSON string: printable ASCII without quote or backslash (every etcd key
+    meshlib writes) needs no escaping; anything else goes through ``json.dumps``."""
+    if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
+        return '"' + key + '"'
+    return json.dumps(key)
+
+
+def _service_fragment(service: str, part: dict[str, Any]) -> str:
+    """``"name": {...}`` for one service. ``part["instances"]`` maps keys to the records' JSON
+    text as etcd holds it (validated JSON objects), embedded as they are: no re-encoding."""
+    instances = part["instances"]
+    members = ", ".join(_json_key(k) + ": " + instances[k] for k in sorted(instances))
+    return (
+        json.dumps(service) + ': {"instances": {' + members + '}, "policy": '
+        + json.dumps(part.get("policy")) + ', "policy_revision": '
+        + json.dumps(part.get("policy_revision") or 0) + "}"
+    )
 
 
 class SnapshotFileWriter:
@@ -116,6 +139,9 @@ class SnapshotFileWriter:
         self._written = 0  # marks covered by the last successful write
         self._done = threading.Condition(self._lock)
         self.writes = 0  # successful writes
+        self.write_seconds = 0.0  # total time spent in successful writes
+        self.max_write_seconds = 0.0
+        self.last_bytes = 0  # size of the last file written
         self._duration = metrics.SNAPSHOT_FILE_WRITE_DURATION.labels()
         self._ok = metrics.SNAPSHOT_FILE_WRITES.labels("ok")
         self._err = metrics.SNAPSHOT_FILE_WRITES.labels("error")
@@ -180,11 +206,13 @@ class SnapshotFileWriter:
         started = time.perf_counter()
         try:
             default_policy, parts = self._export(None if full else dirty)
-            for service, part in parts.items():
+            for n, (service, part) in enumerate(parts.items()):
                 if part is None:
                     self._fragments.pop(service, None)
                 else:
-                    self._fragments[service] = json.dumps(service) + ": " + json.dumps(part)
+                    self._fragments[service] = _service_fragment(service, part)
+                if n % 50 == 49:
+                    time.sleep(0)  # let the watch thread have the GIL (no convoy behind us)
             header = json.dumps({
                 "format": FORMAT, "prefix": self.prefix, "written_at": round(time.time(), 3),
                 "default_policy": default_policy,
@@ -211,9 +239,13 @@ class SnapshotFileWriter:
         with self._lock:
             self._written = covered
             self._done.notify_all()
+        took = time.perf_counter() - started
         self.writes += 1
+        self.write_seconds += took
+        self.max_write_seconds = max(self.max_write_seconds, took)
+        self.last_bytes = len(text)
         self._ok.inc()  # type: ignore[attr-defined]
-        self._duration.observe(time.perf_counter() - started)
+        self._duration.observe(took)
 
     def _replace(self, text: str) -> None:
         """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``

@@ -56,12 +56,19 @@ class _ServiceState:
 
     service: str
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
-    records: dict[str, Any] = field(default_factory=dict)  # key -> JSON record (for the disk cache)
+    #: key -> the record's JSON text as etcd holds it (validated), for the on-disk snapshot:
+    #: kept as text so that writing the file joins strings instead of re-encoding objects.
+    records: dict[str, str] = field(default_factory=dict)
     policy_raw: dict[str, Any] | None = None  # last good service-specific policy document
     policy_revision: int = 0
     policy: Policy = DEFAULT_POLICY
     revision: int = 0
     from_cache: bool = False
+
+
+def _text(value: bytes | str) -> str:
+    """A validated record's JSON text (parse_instance_record accepted it as UTF-8 JSON)."""
+    return value.decode("utf-8") if isinstance(value, bytes | bytearray) else value
 
 
 def _load_policy_text(value: bytes, key: str) -> dict[str, Any]:
@@ -139,7 +146,7 @@ class SnapshotStore:
             st = self._states.setdefault(service, _ServiceState(service))
             seen_policy = False
             endpoints: dict[str, Endpoint] = {}
-            records: dict[str, Any] = {}
+            records: dict[str, str] = {}
             for kv in kvs:
                 kind = self.layout.parse(kv.key)
                 if kind is None or kind[1] != service:
@@ -148,7 +155,7 @@ class SnapshotStore:
                     ep = self._parse_instance(service, kind[2] or "", kv.key, kv.value)
                     if ep is not None:
                         endpoints[kv.key] = ep
-                        records[kv.key] = ep.to_record()
+                        records[kv.key] = _text(kv.value)
                     elif kv.key in st.endpoints:  # malformed update of a known key: keep old
                         endpoints[kv.key] = st.endpoints[kv.key]
                         records[kv.key] = st.records[kv.key]
@@ -177,7 +184,7 @@ class SnapshotStore:
                         ep = self._parse_instance(service, kind[2] or "", kv.key, kv.value)
                         if ep is not None:
                             st.endpoints[kv.key] = ep
-                            st.records[kv.key] = ep.to_record()
+                            st.records[kv.key] = _text(kv.value)
                 elif kind[0] == "policy":
                     if etype == "delete":
                         self._clear_service_policy(st)
@@ -312,9 +319,10 @@ class SnapshotStore:
                     kind = self.layout.parse(key)
                     if not kind or kind[0] != "instance":
                         continue
-                    ep = self._parse_instance(service, kind[2] or "", key, json.dumps(rec).encode())
+                    text = json.dumps(rec)
+                    ep = self._parse_instance(service, kind[2] or "", key, text.encode())
                     if ep is not None:
-                        st.endpoints[key], st.records[key] = ep, rec
+                        st.endpoints[key], st.records[key] = ep, text
                 st.policy_raw = data.get("policy")
                 st.policy_revision = int(data.get("policy_revision") or 0)
                 self._rebuild_policy(st, path)

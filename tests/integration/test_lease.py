@@ -198,3 +198,55 @@ def test_registrations_through_grpc_proxies_hold_for_3_ttls(etcd_cluster) -> Non
                 assert m.client.stream_endpoint in proxies
         # closing revokes through the proxies: now both keys are deleted
         assert _wait(lambda: len([e for e in events if e[0] == "delete"]) == 2, 5), events
+
+
+def test_registration_holds_while_the_proxy_carrying_its_keepalives_hangs(etcd_cluster) -> None:
+    """Issue 10.2 for leases: two grpc-proxies; the one carrying the keepalive stream is
+    SIGSTOPped (TCP stays up) for 1.5 x TTL. The unanswered keepalive marks the stream silent
+    after TTL/3 + 1 s, the next one goes on a new stream through the other proxy, and the record
+    is never deleted: a watch opened directly on the cluster sees no delete."""
+    import os
+    import signal
+
+    from meshlib import Mesh
+    from meshlib.discovery.watch import WatchManager
+    from meshlib.testing import EtcdGrpcProxy
+
+    prefix = "/lease-hang/v1"
+    events: list[tuple[str, str]] = []
+    synced = threading.Event()
+    with (
+        EtcdGrpcProxy(etcd_cluster) as p1,
+        EtcdGrpcProxy(etcd_cluster) as p2,
+        EtcdClient(etcd_cluster.endpoints, timeout=3) as direct,
+        WatchManager(direct, progress_interval=0.5) as watcher,
+    ):
+        watcher.watch_prefix(
+            f"{prefix}/services/",
+            lambda kvs, rev: synced.set(),
+            lambda evs, rev: events.extend((e.type, e.kv.key) for e in evs),
+        )
+        assert synced.wait(5)
+        proxies = {p1.endpoint: p1, p2.endpoint: p2}
+        with Mesh(list(proxies), prefix=prefix, handle_sigterm=False) as mesh:
+            reg = mesh.register("hung", 9301, ttl=6)
+            assert reg.wait_registered(5)
+            keeper = reg._keeper
+            lease = keeper.lease_id
+            assert _wait(lambda: mesh.client._keepalive is not None, 5)
+            ka = mesh.client._keepalive
+            assert _wait(lambda: ka._stream is not None, 5)
+            hung = proxies[ka._stream.endpoint]
+            assert hung.pid is not None
+            os.kill(hung.pid, signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 9.0  # 1.5 x TTL
+                while time.monotonic() < deadline:
+                    assert not [e for e in events if e[0] == "delete"], events
+                    time.sleep(0.1)
+                assert ka.streams_opened >= 2
+                assert ka._stream is None or ka._stream.endpoint != hung.endpoint
+            finally:
+                os.kill(hung.pid, signal.SIGCONT)
+            assert [e for e in events if e[0] == "delete"] == []
+            assert keeper.lease_id == lease and keeper.losses == 0 and reg.registrations == 1

@@ -33,8 +33,8 @@ class FakeStore:
     def set(self, name: str, port: int) -> None:
         with self.lock:
             self.services[name] = {
-                "instances": {f"/p/services/{name}/instances/i": {"address": "127.0.0.1",
-                                                                "port": port}},
+                "instances": {f"/p/services/{name}/instances/i": json.dumps(
+                    {"address": "127.0.0.1", "port": port})},
                 "policy": None, "policy_revision": 0,
             }
 
