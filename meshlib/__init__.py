@@ -1,7 +1,8 @@
 """meshlib: a library-style service mesh for Python.
 
 The public API is :class:`Mesh` (imported lazily so that ``import meshlib.core`` stays
-free of etcd and gRPC).
+free of etcd and gRPC). Drivers, and anything that builds one without a whole ``Mesh``,
+depend only on :class:`meshlib.ports.MeshPort`.
 """
 
 from __future__ import annotations
