@@ -105,9 +105,10 @@ class Shim:
             from meshlib.shim.inbound import InboundProxy
 
             inbound = InboundProxy(self.mesh, cfg, self.pool)
-            self.inbound = FrontServer(inbound.handle, limits, loop)
+            self.inbound = FrontServer(inbound.handle, limits, loop, name="inbound")
             await _listen(self.inbound, cfg.bind, cfg.inbound_port, "--inbound-port")
-        self.admin = FrontServer(AdminHandler(self).handle, Limits(head_timeout=5.0), loop)
+        self.admin = FrontServer(AdminHandler(self).handle, Limits(head_timeout=5.0), loop,
+                                 name="admin")
         await _listen(self.admin, cfg.bind, cfg.admin_port, "--admin-port")
         if cfg.registers():
             self.registrar = AppRegistrar(self.mesh, cfg)

@@ -40,6 +40,8 @@ from typing import Any, Final
 
 import httptools
 
+from meshlib.shim.metrics import ShimMetrics
+
 log = logging.getLogger("meshlib.shim")
 
 _BODY_HIGH: Final = 256 * 1024
@@ -216,11 +218,13 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
+        self.server.gauge.inc()
         self._arm(self.limits.idle_timeout, self._idle_expired)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.server.gauge.dec()
         self._disarm()
         cur = self.cur
         if cur is not None and cur.body is not None and not cur.body.done:
@@ -485,6 +489,7 @@ class ServerConnection(asyncio.Protocol):
                 try:
                     if req.reject is not None:
                         status, message = req.reject
+                        ShimMetrics.get().rejected(status)
                         responder.close_after = True
                         await responder.simple(status, message)
                     else:
@@ -655,8 +660,9 @@ class FrontServer:
     """A listening socket whose connections feed ``handler(request, responder)``."""
 
     def __init__(self, handler: Handler, limits: Limits,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, name: str = "outbound") -> None:
         self.handler = handler
+        self.gauge = ShimMetrics.get().connections.labels(name)
         self.limits = limits
         self.loop = loop or asyncio.get_event_loop()
         self.connections: set[ServerConnection] = set()

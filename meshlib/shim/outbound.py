@@ -69,6 +69,7 @@ from meshlib.http.errors import (
 )
 from meshlib.server.common import inbound_deadline
 from meshlib.shim.frontend import BodyError, Request, Responder
+from meshlib.shim.metrics import ShimMetrics
 from meshlib.shim.safety import Refusal, check_destination, split_authority, strip_hop_by_hop
 from meshlib.shim.tunnel import Tunnel
 from meshlib.shim.upstream import StaleConnectionError, UpstreamPool, UpstreamResponse
@@ -247,6 +248,7 @@ class OutboundProxy:
             service, target = self.destination(req)
             route = await self.route(service)
         except Refusal as r:
+            ShimMetrics.get().refuse(r.code)
             await resp.simple(r.status, r.reason, [(b"X-Mesh-Refused", r.code.encode())])
             return
         dest = route.dest

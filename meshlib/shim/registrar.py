@@ -25,6 +25,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from meshlib.shim.metrics import ShimMetrics
+
 if TYPE_CHECKING:
     from meshlib.discovery.registration import Registration
     from meshlib.mesh import Mesh
@@ -172,10 +174,12 @@ class AppRegistrar:
             self.mesh.register, cfg.service, port, address=cfg.app_address,
             protocol=cfg.protocol, zone=cfg.zone, labels=dict(cfg.labels), ttl=cfg.ttl,
             instance_id=cfg.instance_id, wait=False)
+        ShimMetrics.get().registered.set(1)
 
     async def deregister(self) -> None:
         reg, self.registration = self.registration, None
         if reg is not None:
+            ShimMetrics.get().registered.set(0)
             await asyncio.to_thread(reg.close)
 
     async def stop(self) -> None:

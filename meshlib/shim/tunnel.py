@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from meshlib.shim.metrics import ShimMetrics
+
 if TYPE_CHECKING:
     from meshlib.shim.frontend import ServerConnection
     from meshlib.shim.upstream import _Conn
@@ -34,6 +36,7 @@ class Tunnel:
         up.reusable = False
         up.tunnel = self
         client.tunnel = self
+        ShimMetrics.get().tunnels.inc()
 
     def start(self, tail: bytes) -> None:
         """Hand over: bytes the endpoint sent after its 101 head, then the app's bytes that
@@ -110,6 +113,7 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
+        ShimMetrics.get().tunnels.dec()
         self.up.close()
         self.client.tunnel = None
         self.client.close()

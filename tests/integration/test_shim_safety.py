@@ -297,3 +297,14 @@ def test_head_204_304_framed_on_a_kept_alive_connection(shim, mmesh):
                     assert "transfer-encoding" not in headers
     finally:
         up.stop()
+
+
+def test_refusals_are_counted(shim, canary):
+    exchange(shim.port, b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
+    exchange(shim.port, FRAMING["content-length and transfer-encoding"])
+    text = shim.admin("/metrics")[1].decode()
+    counts = {line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines()
+              if line.startswith("meshlib_shim_refused_requests_total{")}
+    assert counts["ip_literal"] >= 1 and counts["bad_request"] >= 1
+    assert 'meshlib_shim_connections{listener="outbound"}' in text
