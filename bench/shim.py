@@ -275,7 +275,7 @@ def start_shim(workdir: Path, core: int, etcd: str, prefix: str,
 
 def wrk(core: int, port: int, seconds: float, host: str | None) -> float:
     """Saturation throughput (req/s) with wrk, 1 thread, 32 connections."""
-    argv = [tool("taskset"), "-c", str(core), tool("wrk"), "-t1", "-c32", f"-d{seconds}s"]
+    argv = [tool("taskset"), "-c", str(core), tool("wrk"), "-t1", "-c32", f"-d{seconds:g}s"]
     if host:
         argv += ["-H", f"Host: {host}"]
     out = subprocess.run([*argv, f"http://127.0.0.1:{port}/"], capture_output=True,
