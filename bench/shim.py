@@ -297,8 +297,8 @@ def h2load_fixed_rate(core: int, port: int, seconds: float, host: str | None,
     log.unlink(missing_ok=True)
     argv = [tool("taskset"), "-c", str(core), tool("h2load"), "--h1", "-c", str(clients),
             "--rps", str(rate // clients), "-D", str(int(seconds)), "--log-file", str(log)]
-    if host:
-        argv += ["-H", f"Host: {host}"]
+    if host:  # h2load takes the Host of HTTP/1.1 requests from :authority (-H Host adds one)
+        argv += ["-H", f":authority: {host}"]
     subprocess.run([*argv, f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
                    timeout=seconds + 60, check=True)
     latencies, bad = [], 0
@@ -308,8 +308,9 @@ def h2load_fixed_rate(core: int, port: int, seconds: float, host: str | None,
             if not parts[1].startswith("2"):
                 bad += 1
             latencies.append(int(parts[2]) / 1000.0)
-    if not latencies:
-        raise RuntimeError(f"h2load logged no requests for port {port}")
+    if not latencies or bad:
+        raise RuntimeError(f"h2load against port {port}: {len(latencies)} requests, {bad} "
+                           "not 2xx: the numbers would not be comparable")
     return latencies, bad
 
 
@@ -384,7 +385,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="wrk duration per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-seconds", type=float, default=10.0)
-    ap.add_argument("--grpc-calls", type=int, default=20000, help="gRPC calls per round")
+    ap.add_argument("--grpc-calls", type=int, default=5000, help="gRPC calls per round")
     ap.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = ap.parse_args()
     missing = missing_tools()
