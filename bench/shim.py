@@ -15,10 +15,12 @@ and cost"):
   ``--rounds`` rounds in rotated order (this machine drifts: see bench/harness.py) and each
   variant's median round is reported;
 * latency at a fixed 1000 req/s, open loop: ``h2load --h1 --rps`` (20 clients x 50 req/s) with
-  a per-request log, from which p50/p99 are computed (h2load prints no percentiles itself);
+  a per-request log, from which p50/p99 are computed (h2load prints no percentiles itself),
+  in rounds like the throughput; the added p99 is the median over rounds of (shim p99 minus
+  direct p99) of the same round;
 * the shim's RSS (``VmRSS``) idle (started, a few warm-up requests, 1 s quiet) and the highest
   sample while serving 1000 req/s; its CPU seconds (``utime + stime``) per 1000 requests
-  during that fixed-rate run;
+  during the fixed-rate runs (median round);
 * gRPC unary calls (empty message, ``h2load`` over h2c, 4 connections x 16 streams): direct to
   a grpcio upstream, through nginx ``grpc_pass`` and through the shim's upstream listener
   (``--upstream bench-grpc=PORT``), rounds as above.
@@ -33,7 +35,7 @@ Targets (issue 12): throughput >= 0.5 x nginx; added p99 (shim minus direct) <= 
 Tools come from Debian: ``apt-get install -y nginx-light haproxy wrk nghttp2-client``
 (``h2load`` is in nghttp2-client); a missing tool stops the bench with that message.
 
-    python bench/shim.py [--seconds 5] [--rounds 3] [--latency-seconds 10]
+    python bench/shim.py [--seconds 5] [--rounds 3] [--latency-seconds 5] [--grpc-calls 5000]
 """
 
 from __future__ import annotations
@@ -384,7 +386,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="wrk duration per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--latency-seconds", type=float, default=10.0)
+    ap.add_argument("--latency-seconds", type=float, default=5.0,
+                    help="h2load duration per variant and round")
     ap.add_argument("--grpc-calls", type=int, default=5000, help="gRPC calls per round")
     ap.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = ap.parse_args()
@@ -436,22 +439,35 @@ def main() -> int:
             print(f"  {name:8s} {statistics.median(values):9.0f} req/s   rounds: "
                   + ", ".join(f"{v:.0f}" for v in values))
 
-        print(f"\nfixed 1000 req/s, open loop (h2load --h1 --rps, {args.latency_seconds:g} s):")
-        lat: dict[str, tuple[float, float]] = {}
-        rss_1k = cpu_per_1k = 0.0
-        for name, (port, host) in targets.items():
-            shim.check()
-            cpu0 = shim.cpu_seconds()
-            with Sampler(shim) as sampler:
-                ms, bad = h2load_fixed_rate(load_core, port, args.latency_seconds, host, work)
-            if name == "shim":
-                rss_1k = sampler.peak
-                cpu_per_1k = (shim.cpu_seconds() - cpu0) / (len(ms) / 1000.0)
-            lat[name] = (pct(ms, 0.5), pct(ms, 0.99))
-            print(f"  {name:8s} p50 {lat[name][0]:6.3f} ms  p99 {lat[name][1]:6.3f} ms  "
-                  f"({len(ms)} requests, {bad} non-2xx)")
-        print(f"shim RSS at 1000 req/s: {rss_1k:.1f} MB; CPU {cpu_per_1k:.3f} s per 1000 "
-              "requests")
+        print(f"\nfixed 1000 req/s, open loop (h2load --h1 --rps, {args.latency_seconds:g} s x "
+              f"{args.rounds} rounds, median round):")
+        lat_rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+        cpu_rounds: list[float] = []
+        rss_1k = 0.0
+        for order in rotations(list(targets), args.rounds):
+            for name in order:
+                port, host = targets[name]
+                shim.check()
+                cpu0 = shim.cpu_seconds()
+                with Sampler(shim) as sampler:
+                    ms, _bad = h2load_fixed_rate(load_core, port, args.latency_seconds, host,
+                                                 work)
+                if name == "shim":
+                    rss_1k = max(rss_1k, sampler.peak)
+                    cpu_rounds.append((shim.cpu_seconds() - cpu0) / (len(ms) / 1000.0))
+                lat_rounds[name].append((pct(ms, 0.5), pct(ms, 0.99)))
+        lat = {name: (statistics.median(r[0] for r in rounds),
+                      statistics.median(r[1] for r in rounds))
+               for name, rounds in lat_rounds.items()}
+        for name, rounds in lat_rounds.items():
+            print(f"  {name:8s} p50 {lat[name][0]:6.3f} ms  p99 {lat[name][1]:6.3f} ms   "
+                  "p99 rounds: " + ", ".join(f"{r[1]:.2f}" for r in rounds))
+        # shim minus direct, per round (the two ran close together), median over rounds
+        added_p99 = statistics.median(s[1] - d[1] for s, d in
+                                      zip(lat_rounds["shim"], lat_rounds["direct"], strict=True))
+        cpu_per_1k = statistics.median(cpu_rounds)
+        print(f"shim RSS at 1000 req/s (highest sample): {rss_1k:.1f} MB; CPU "
+              f"{cpu_per_1k:.3f} s per 1000 requests (median round)")
         shim.stop()
 
         # gRPC unary: direct vs nginx grpc_pass vs the shim's upstream listener
@@ -479,7 +495,7 @@ def main() -> int:
     gmed = {k: statistics.median(v) for k, v in gput.items()}
     results = {
         "throughput_vs_nginx": med["shim"] / med["nginx"],
-        "added_p99_ms": lat["shim"][1] - lat["direct"][1],
+        "added_p99_ms": added_p99,
         "idle_rss_mb": idle_rss, "rss_1k_mb": rss_1k, "cpu_per_1k_req_s": cpu_per_1k,
         "grpc_vs_nginx": gmed["shim"] / gmed["nginx"],
         "http_req_s": med, "grpc_calls_s": gmed,
