@@ -3,8 +3,10 @@ clients use, so an example cannot drift into one etcd would store but meshlib wo
 
 Examples are found in README.md and docs/*.md:
 
-* ```` ```yaml ```` blocks: policy documents (``parse_policy``);
-* ```` ```json ```` blocks: an instance record when they have an ``address``, else a policy;
+* ```` ```yaml ```` and ```` ```json ```` blocks: an instance record when the mapping has an
+  ``address``, a policy document (``parse_policy``) when one of its top-level keys is a policy
+  field; other blocks (a docker compose file, a Kubernetes pod, the snapshot file's format) are
+  not meshlib documents and are not checked;
 * ``etcdctl put KEY VALUE`` in shell blocks and ``x.etcdctl("put", KEY, VALUE)`` in Python
   blocks (VALUE a literal or a name assigned a literal in the block; ``{...}`` in an f-string
   key stands for the prefix): checked as what KEY holds in the key layout. Keys outside the
@@ -21,8 +23,10 @@ import shlex
 from dataclasses import dataclass
 
 import pytest
+import yaml
 
 from meshlib.config import parse_instance_record, parse_policy
+from meshlib.config.policy import Policy
 from meshlib.discovery.keys import DEFAULT_PREFIX, KeyLayout
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -53,6 +57,18 @@ def _blocks(path: pathlib.Path) -> list[tuple[str, int, str]]:
         elif lang is not None:
             lines.append(line)
     return out
+
+
+POLICY_FIELDS = frozenset(Policy.model_fields)
+
+
+def _document_kind(doc: object) -> str | None:
+    """"record", "policy", or None for a block that is neither (compose, Kubernetes...)."""
+    if not isinstance(doc, dict):
+        return None
+    if "address" in doc:
+        return "record"
+    return "policy" if POLICY_FIELDS & set(doc) else None
 
 
 def _classify(where: str, key: str, value: str) -> Example | None:
@@ -117,10 +133,11 @@ def collect() -> list[Example]:
     for path in DOCS:
         where = str(path.relative_to(ROOT))
         for lang, line, text in _blocks(path):
-            if lang == "yaml":
-                found.append(Example(f"{where}:{line}", "policy", LAYOUT.default_policy_key, text))
-            elif lang == "json":
-                kind = "record" if "address" in json.loads(text) else "policy"
+            if lang in ("yaml", "json"):
+                doc = json.loads(text) if lang == "json" else yaml.safe_load(text)
+                kind = _document_kind(doc)
+                if kind is None:
+                    continue
                 key = (LAYOUT.instance_key("example", "example-1") if kind == "record"
                        else LAYOUT.default_policy_key)
                 found.append(Example(f"{where}:{line}", kind, key, text))
@@ -152,6 +169,14 @@ def test_example_is_accepted_by_the_validators(example: Example) -> None:
                               instance_id=parsed[2])
     else:
         parse_policy(example.value, example.key)
+
+
+def test_only_meshlib_documents_are_collected() -> None:
+    assert _document_kind({"address": "10.0.0.1", "port": 80}) == "record"
+    assert _document_kind({"retries": 2}) == "policy"  # invalid, but a policy: it is checked
+    assert _document_kind({"services": {"orders": {"image": "x"}}}) is None
+    assert _document_kind({"spec": {}}) is None
+    assert _document_kind(["a"]) is None
 
 
 def test_the_collector_catches_the_old_invalid_examples(tmp_path: pathlib.Path) -> None:
