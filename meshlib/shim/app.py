@@ -113,6 +113,9 @@ class Shim:
         if cfg.registers():
             self.registrar = AppRegistrar(self.mesh, cfg)
             self.registrar.start()
+        if cfg.bind not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("--bind %s: the shim's ports are reachable from the network, not only "
+                        "by the app beside it", cfg.bind)
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self.request_shutdown, sig.name)

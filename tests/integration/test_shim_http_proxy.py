@@ -261,3 +261,36 @@ def test_shim_and_library_expose_identical_series(shim, mmesh, ups):
                    "meshlib_client_attempt_duration_seconds_bucket"):
         a, b = _series(lib, family, name), _series(via_shim, family, name)
         assert a and a == b, (family, a, b)
+
+
+def test_pipelined_requests_answered_in_order(shim, mmesh, ups):
+    name, (up,) = _service(mmesh, ups)
+    both = (f"GET /p1 HTTP/1.1\r\nHost: {name}\r\n\r\n"
+            f"GET /p2 HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n").encode()
+    response = exchange(shim.port, both)
+    assert response.count(b"HTTP/1.1 200 OK") == 2
+    assert [r.path for r in up.received] == ["/p1", "/p2"]
+
+
+def test_expect_100_continue(shim, mmesh, ups):
+    name, (up,) = _service(mmesh, ups)
+    with socket.create_connection(("127.0.0.1", shim.port), timeout=5) as s:
+        s.sendall(f"POST /e HTTP/1.1\r\nHost: {name}\r\nContent-Length: 5\r\n"
+                  "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+        interim = s.recv(65536)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"hello")
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+    assert status_of(rest) == 200
+    assert up.received[-1].body == b"hello" and "expect" not in up.received[-1].headers
+
+
+def test_http10_client(shim, mmesh, ups):
+    """HTTP/1.0: no Host needed in absolute form; keep-alive only when asked for."""
+    name, (up,) = _service(mmesh, ups)
+    response = exchange(shim.port, f"GET http://{name}/old HTTP/1.0\r\n\r\n".encode())
+    status, headers, body = split_response(response)
+    assert (status, body, headers.get("connection")) == (200, up.name.encode(), "close")
+    assert up.received[-1].path == "/old"
