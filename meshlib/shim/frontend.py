@@ -14,7 +14,9 @@ with 400 and the connection closed, nothing handed to the application):
   ``max_head_bytes`` or more than ``max_header_fields`` fields -> 431; a body over
   ``max_body_bytes`` -> 413 (at once from Content-Length, or when a chunked body crosses
   it); a client that takes longer than ``head_timeout`` to send a head (slowloris) -> 408
-  and close; idle keep-alive connections are closed after ``client_idle_timeout``.
+  and close; a request body that stalls for ``client_idle_timeout`` -> 408 (or the
+  forward is abandoned); idle keep-alive connections are closed after
+  ``client_idle_timeout``.
 
 Requests are queued per connection and handled one at a time in arrival order (pipelining
 is allowed by RFC 9112 9.3.2 and answered in order). Bodies stream: ``Request.body`` is an
@@ -127,9 +129,22 @@ class Body:
             if self.expect_continue:
                 self.expect_continue = False
                 self.conn._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.conn._resume()
-            self.waiter = self.conn.loop.create_future()
-            await self.waiter
+            conn = self.conn
+            conn._resume()
+            w = self.waiter = conn.loop.create_future()
+            stall = conn.limits.idle_timeout
+            if not stall:
+                await w
+                continue
+            handle = conn.loop.call_later(stall, _stalled, w)
+            try:
+                await w
+            finally:
+                handle.cancel()
+            if w.result() is _STALLED:
+                self.error_status = 408
+                self.error = f"no request body bytes for {stall}s"
+                raise BodyError(self.error)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
@@ -150,6 +165,14 @@ class Body:
             got.append(part)
             n += len(part)
         return got, False
+
+
+_STALLED: Final = object()
+
+
+def _stalled(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(_STALLED)
 
 
 class Request:

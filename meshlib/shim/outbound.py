@@ -109,15 +109,31 @@ class _MethodOnly:
         self.method = method
 
 
+class ClientBodyError(httpx.TransportError):
+    """The app's request body failed while it was being forwarded (stalled, over the limit,
+    bad chunked framing, connection closed): the app gets ``status``; never the endpoint's
+    fault (outcome ``local``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class _OnceBody:
     """A streamed request body: kept parts first, then the rest; may be sent only once."""
 
-    __slots__ = ("head", "rest", "started")
+    __slots__ = ("head", "rest", "started", "source")
 
-    def __init__(self, head: list[bytes], rest: AsyncIterator[bytes] | None) -> None:
+    def __init__(self, head: list[bytes], rest: AsyncIterator[bytes] | None,
+                 source: Any = None) -> None:
         self.head = head
         self.rest = rest
         self.started = False
+        self.source = source  # the frontend Body (for the status of its error)
+
+    @property
+    def error_status(self) -> int:
+        return getattr(self.source, "error_status", 400)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.started = True
@@ -299,11 +315,11 @@ class OutboundProxy:
             return b"", True
         limit = self.config.retry_body_bytes
         if req.content_length is not None and req.content_length > limit:
-            return _OnceBody([], aiter(b)), False
+            return _OnceBody([], aiter(b), b), False
         parts, complete = await b.read_upto(limit)
         if complete:
             return b"".join(parts), True
-        return _OnceBody(parts, aiter(b)), False
+        return _OnceBody(parts, aiter(b), b), False
 
     async def _call(self, req: Request, resp: Responder, route: _Route, target: bytes,
                     headers: list[tuple[bytes, bytes]], body: bytes | _OnceBody,
@@ -397,8 +413,13 @@ class OutboundProxy:
         except httpx.TransportError as exc:
             result = result_from_error(exc)
         except BodyError as exc:  # the app's body failed mid-stream: not the endpoint's fault
-            result = AttemptResult(Outcome.LOCAL, None, exc)
+            status = self._status_of_body_error(body)
+            result = AttemptResult(Outcome.LOCAL, None, ClientBodyError(str(exc), status))
         return result, aspan, perf_counter() - t0
+
+    @staticmethod
+    def _status_of_body_error(body: Any) -> int:
+        return 400 if not isinstance(body, _OnceBody) else body.error_status
 
     async def _hedged(self, gen: HedgedCallGen, action: Any, method: str, target: bytes,
                       headers: list[tuple[bytes, bytes]], body: bytes | _OnceBody, span: Any,
@@ -499,8 +520,8 @@ class OutboundProxy:
                 status = 504
             elif isinstance(cause, httpx.ConnectError):
                 status = 503
-            elif isinstance(cause, BodyError):
-                status = 400
+            elif isinstance(cause, ClientBodyError):
+                status = cause.status
             else:
                 status = 502
             message = f"service {service!r}: {cause or exc} ({end.attempts} attempt(s))"

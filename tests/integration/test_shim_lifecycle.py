@@ -247,3 +247,31 @@ def test_grpc_app_registered_by_grpc_health_and_called_through_an_upstream_liste
     finally:
         shim.close()
         server.stop(0)
+
+
+def test_request_body_stalling_mid_forward(etcd_server, mmesh):
+    """A streamed body (over --retry-body-bytes) that stalls after reaching the endpoint:
+    the app gets 408, the endpoint's connection is dropped (it never sees a whole request)."""
+    up = Upstream("partial")
+    name = f"stall-{uuid.uuid4().hex[:6]}"
+    register(mmesh, name, up)
+    wait_endpoints(mmesh, name, 1)
+    try:
+        with ShimProcess(etcd_server.endpoint, _prefix(mmesh), "--retry-body-bytes", "1K",
+                         "--client-idle-timeout", "0.5") as shim:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", shim.port), timeout=5) as s:
+                s.sendall(f"POST /big HTTP/1.1\r\nHost: {name}\r\nContent-Length: 10000\r\n\r\n"
+                          .encode() + b"x" * 3000)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            status, headers, body = split_response(data)
+            assert status == 408 and b"no request body bytes" in body
+            # the endpoint saw the connection end before the body did (never a whole request)
+            assert all(len(r.body) < 10000 for r in up.received)
+            text = shim.admin("/metrics")[1].decode()
+            assert 'error_type="meshlib.shim.outbound.ClientBodyError"' in text
+    finally:
+        up.kill()

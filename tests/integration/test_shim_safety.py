@@ -53,7 +53,7 @@ def canary(mmesh) -> Iterator[Upstream]:
 def shim(etcd_server, prefix, trap, canary) -> Iterator[ShimProcess]:
     proxy = f"http://127.0.0.1:{trap.port}"
     with ShimProcess(etcd_server.endpoint, prefix, "--max-body-bytes", "4K",
-                     "--head-timeout", "0.5",
+                     "--head-timeout", "0.5", "--client-idle-timeout", "1",
                      env={"HTTP_PROXY": proxy, "http_proxy": proxy}) as s:
         # warm up: the shim has resolved the canary service
         assert status_of(exchange(s.port, GOOD)) == 200
@@ -308,3 +308,17 @@ def test_refusals_are_counted(shim, canary):
               if line.startswith("meshlib_shim_refused_requests_total{")}
     assert counts["ip_literal"] >= 1 and counts["bad_request"] >= 1
     assert 'meshlib_shim_connections{listener="outbound"}' in text
+
+
+def test_stalled_request_body_408(shim, canary):
+    before = canary.count
+    with socket.create_connection(("127.0.0.1", shim.port), timeout=5) as s:
+        s.sendall(b"POST /stall HTTP/1.1\r\nHost: canary\r\nContent-Length: 10\r\n\r\nabc")
+        t0 = time.monotonic()
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        waited = time.monotonic() - t0
+    assert status_of(data) == 408 and b"no request body bytes for 1.0s" in data
+    assert 0.8 < waited < 4.0
+    assert canary.count == before
