@@ -40,8 +40,8 @@ the call before it propagates, so a shell cannot forget it; a shell wraps its ow
 Cost: the per-call objects of the future, stream and aio shells *are* drivers (subclasses:
 no object more per call); the blocking call makes one driver (its former local variables).
 Every method is a plain function on ``__slots__``; the common case (first attempt OK) runs
-``__init__``, ``advance``, ``start_attempt``, ``ok`` (``end_attempt`` + ``advance``) and
-``finish``.
+``__init__``, ``advance``, ``start_attempt``, ``ok`` (which records the attempt on the
+pre-resolved success series itself, then ``advance``) and ``finish`` (``RpcTelemetry.ok``).
 
 Why one hand-written driver and not sync code generated from async code (as the HTTP
 drivers are): grpcio's sync and aio APIs differ in shape, not only by ``await`` (a future
@@ -90,7 +90,7 @@ _NO_USABLE_ENDPOINT = frozenset({FailureKind.NO_ENDPOINTS, FailureKind.CIRCUIT_O
 class CallDriver:
     """One logical gRPC call between the shell's waits (see the module docstring)."""
 
-    __slots__ = ("_owner", "_gen", "_span", "_started", "_md", "_aspan", "_n", "_t0",
+    __slots__ = ("_owner", "_tel", "_gen", "_span", "_started", "_md", "_aspan", "_n", "_t0",
                  "_deadline")
 
     #: Which error classes a mesh failure raises (``MeshAioRpcError`` when True).
@@ -102,12 +102,12 @@ class CallDriver:
         self._started = started
         self._gen: CallGen | None = start_call(owner._dest, owner._method, metadata, timeout,
                                                owner._replayable, owner._observer)
-        self._span: Any = NOOP_CALL if _tstate.off(started) else owner._tel.start()
+        self._tel = tel = owner._tel
+        self._span: Any = NOOP_CALL if _tstate.off(started) else tel.start()
         self._md = base_metadata(metadata, owner._extra)
         self._aspan: Any = None  # the attempt in flight (its span); None between attempts
-        self._n = 0
-        self._t0 = started
         self._deadline: Any = None  # the call's overall deadline, from the last attempt
+        # _n (attempt number) and _t0 (its start) are set by start_attempt, read after it
 
     # --- the plan ---------------------------------------------------------------------
     def advance(self, result: AttemptResult | None) -> Action | CallEnd:
@@ -170,7 +170,7 @@ class CallDriver:
         self._aspan = None
         seconds = perf_counter() - self._t0
         n = self._n
-        tel = self._owner._tel
+        tel = self._tel
         tel.recorder.attempt(n, result.outcome, seconds)
         if aspan is not NOOP_ATTEMPT:
             if code is None:
@@ -188,7 +188,7 @@ class CallDriver:
         self._aspan = None
         n = self._n
         seconds = perf_counter() - self._t0
-        tel = self._owner._tel
+        tel = self._tel
         if n == 1:
             tel.ok_attempt.observe(seconds)
         else:
@@ -212,7 +212,7 @@ class CallDriver:
     def finish(self, end: CallEnd) -> BaseException | None:
         """Record the call the plan ended with ``end``; the exception the caller gets, or
         None when the last attempt's response stands (the shell holds it)."""
-        tel = self._owner._tel
+        tel = self._tel
         seconds = perf_counter() - self._started
         if end.result is OK_RESULT:
             tel.ok(self._span, seconds)
@@ -250,7 +250,7 @@ class CallDriver:
         if isinstance(exc, asyncio.CancelledError):
             exc = None
         etype = None if exc is None else error_type_of(exc)
-        tel = self._owner._tel
+        tel = self._tel
         aspan = self._aspan
         if aspan is not None:
             self._aspan = None
@@ -282,7 +282,7 @@ class CallDriver:
         finally:
             gen.close()
             seconds = perf_counter() - self._started
-            tel = self._owner._tel
+            tel = self._tel
             if code is grpc.StatusCode.OK:
                 tel.ok(self._span, seconds)
             else:
