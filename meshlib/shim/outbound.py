@@ -109,6 +109,11 @@ class _MethodOnly:
         self.method = method
 
 
+class LoopError(httpx.ConnectError):
+    """The picked endpoint is this shim's own listener: nothing is sent (a connect failure
+    for the plan, which tries another endpoint)."""
+
+
 class ClientBodyError(httpx.TransportError):
     """The app's request body failed while it was being forwarded (stalled, over the limit,
     bad chunked framing, connection closed): the app gets ``status``; never the endpoint's
@@ -153,6 +158,12 @@ class OutboundProxy:
         self.config = config
         self.pool = pool
         self.own_ports = config.own_ports() if own_ports is None else own_ports
+        # an endpoint on one of these is this shim itself (the inbound port is not: it
+        # forwards to the app, so calling one's own service through it is no loop)
+        self.loop_ports = self.own_ports - {config.inbound_port}
+        self.own_addresses = frozenset({config.bind, "127.0.0.1", "::1", "localhost"}
+                                       if config.bind not in ("0.0.0.0", "::") else
+                                       {"127.0.0.1", "::1", "localhost", config.app_address})
         self.resolve_timeout = resolve_timeout
         self.routes: dict[str, _Route] = {}
         #: Host field value -> service name or the Refusal it gets (checks are pure)
@@ -179,7 +190,9 @@ class OutboundProxy:
             known = self._by_host.get(raw)  # the common case: one dict lookup
             if known is None:
                 try:
-                    known = check_destination(*split_authority(raw), self.own_ports)
+                    # the port in Host is the one the app connected to (often the shim's
+                    # own): routing is by name, so it is not checked here; see _attempt
+                    known = check_destination(split_authority(raw)[0], None, self.own_ports)
                 except Refusal as refusal:
                     known = (refusal.status, refusal.reason, refusal.code)
                 if len(self._by_host) < MAX_DESTINATIONS:
@@ -389,6 +402,10 @@ class OutboundProxy:
                        headers: list[tuple[bytes, bytes]], body: bytes | _OnceBody, span: Any,
                        now: Any, idempotent: bool) -> tuple[AttemptResult, Any, float]:
         ep = action.endpoint
+        if ep.port in self.loop_ports and ep.address in self.own_addresses:
+            err = LoopError(f"endpoint {ep.address}:{ep.port} of service {ep.service!r} is this "
+                            "shim's own port: not sent (a loop)")
+            return result_from_error(err), span.attempt(action.number), 0.0
         hdrs = list(headers)
         remaining = action.deadline.remaining(now())
         if remaining is not None:

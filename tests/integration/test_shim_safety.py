@@ -178,6 +178,26 @@ def test_own_port_refused(shim, canary):
     assert split_response(response)[1]["x-mesh-refused"] == "own_port"
 
 
+def test_host_port_is_not_a_destination(shim, canary):
+    """``Host: canary:<shim port>`` (how an app addressing the shim by name writes it) routes
+    by name; only the absolute form names a destination port."""
+    r = exchange(shim.port, f"GET /hp HTTP/1.1\r\nHost: canary:{shim.port}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    assert status_of(r) == 200 and canary.received[-1].path == "/hp"
+
+
+def test_endpoint_on_the_shims_own_port_is_not_called(shim, mmesh):
+    """An instance registered at the shim's own address and port would be a loop."""
+    name = f"loop-{uuid.uuid4().hex[:6]}"
+    mmesh.register(name, shim.port, instance_id="loop")
+    wait_endpoints(mmesh, name, 1)
+    r = exchange(shim.port, f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+                 .encode())
+    status, headers, body = split_response(r)
+    assert status == 503 and b"is this shim's own port" in body, r
+    assert headers["x-mesh-error"] == "LoopError"
+
+
 def test_never_through_http_proxy(shim, canary, trap):
     """The shim's environment has HTTP_PROXY pointing at the trap: it is never used."""
     assert status_of(exchange(shim.port, GOOD)) == 200
