@@ -369,8 +369,10 @@ class OutboundProxy:
                     if pending is not None:
                         pending.conn.abort()
                         pending = None
-                    result, aspan, seconds = await self._attempt(
-                        action, method, target, headers, body, span, now, idempotent)
+                    ep = action.endpoint
+                    aspan = span.attempt(action.number, ep.address, ep.port)
+                    result, seconds = await self._attempt(
+                        action, method, target, headers, body, aspan, now, idempotent)
                     if isinstance(result.value, UpstreamResponse):
                         pending = result.value
                     record_attempt(recorder, aspan, action.number, result, seconds)
@@ -399,18 +401,19 @@ class OutboundProxy:
         await self._relay(resp, up)
 
     async def _attempt(self, action: Attempt, method: str, target: bytes,
-                       headers: list[tuple[bytes, bytes]], body: bytes | _OnceBody, span: Any,
-                       now: Any, idempotent: bool) -> tuple[AttemptResult, Any, float]:
+                       headers: list[tuple[bytes, bytes]], body: bytes | _OnceBody, aspan: Any,
+                       now: Any, idempotent: bool) -> tuple[AttemptResult, float]:
+        """One attempt (``aspan``: its span, ended by the caller's ``record_attempt``):
+        (result, seconds)."""
         ep = action.endpoint
         if ep.port in self.loop_ports and ep.address in self.own_addresses:
             err = LoopError(f"endpoint {ep.address}:{ep.port} of service {ep.service!r} is this "
                             "shim's own port: not sent (a loop)")
-            return result_from_error(err), span.attempt(action.number), 0.0
+            return result_from_error(err), 0.0
         hdrs = list(headers)
         remaining = action.deadline.remaining(now())
         if remaining is not None:
             hdrs.append((_TIMEOUT_HEADER, encode_timeout(max(remaining, 0.0)).encode()))
-        aspan = span.attempt(action.number, ep.address, ep.port)
         aspan.inject(hdrs, True)
         t0 = perf_counter()
         try:
@@ -432,7 +435,7 @@ class OutboundProxy:
         except BodyError as exc:  # the app's body failed mid-stream: not the endpoint's fault
             status = self._status_of_body_error(body)
             result = AttemptResult(Outcome.LOCAL, None, ClientBodyError(str(exc), status))
-        return result, aspan, perf_counter() - t0
+        return result, perf_counter() - t0
 
     @staticmethod
     def _status_of_body_error(body: Any) -> int:
@@ -443,7 +446,7 @@ class OutboundProxy:
                       recorder: Any, now: Any) -> Any:
         """Hedged mode (``core.call``): one task per attempt; the first final result wins."""
         loop = asyncio.get_running_loop()
-        running: dict[Attempt, tuple[asyncio.Task[Any], float]] = {}
+        running: dict[Attempt, tuple[asyncio.Task[Any], Any, float]] = {}
         delivered: list[Any] = []
         try:
             while True:
@@ -453,23 +456,25 @@ class OutboundProxy:
                     continue
                 timer = None
                 if action is not WAIT:
+                    ep = action.endpoint
+                    aspan = span.attempt(action.number, ep.address, ep.port)
                     task = loop.create_task(self._attempt(action, method, target, headers, body,
-                                                          span, now, True))
-                    running[action] = (task, perf_counter())
+                                                          aspan, now, True))
+                    running[action] = (task, aspan, perf_counter())
                     if action.hedge_after is not None:
                         timer = perf_counter() + action.hedge_after
                 if not running:
                     raise RuntimeError(f"hedged call plan waits with nothing in flight "
                                        f"({action!r})")
                 wait_for = None if timer is None else max(0.0, timer - perf_counter())
-                done, _ = await asyncio.wait([t for t, _ in running.values()], timeout=wait_for,
+                done, _ = await asyncio.wait([r[0] for r in running.values()], timeout=wait_for,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     action = gen.send(HEDGE)
                     continue
-                att = next(a for a, (t, _) in running.items() if t in done)
-                task, _t0 = running.pop(att)
-                result, aspan, seconds = task.result()
+                att = next(a for a, r in running.items() if r[0] in done)
+                task, aspan, _t0 = running.pop(att)
+                result, seconds = task.result()
                 record_attempt(recorder, aspan, att.number, result, seconds)
                 delivered.append(result.value)
                 action = gen.send(Done(att, result))
@@ -479,17 +484,17 @@ class OutboundProxy:
             for value in delivered:
                 if value is not keep and isinstance(value, UpstreamResponse):
                     value.conn.abort()
-            for att, (task, t0) in running.items():
+            for att, (task, aspan, t0) in running.items():
                 task.cancel()
                 task.add_done_callback(_abort_result)
-                record_cancelled(recorder, span.attempt(att.number), att.number,
-                                 perf_counter() - t0)
+                record_cancelled(recorder, aspan, att.number, perf_counter() - t0)
             return end
         except BaseException:
             gen.close()
-            for task, _ in running.values():
+            for att, (task, aspan, t0) in running.items():
                 task.cancel()
                 task.add_done_callback(_abort_result)
+                record_cancelled(recorder, aspan, att.number, perf_counter() - t0)
             for value in delivered:
                 if isinstance(value, UpstreamResponse):
                     value.conn.abort()

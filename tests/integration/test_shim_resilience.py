@@ -146,3 +146,54 @@ def test_trace_continues_through_the_shim(shim, mmesh):
         assert got["tracestate"] == "vendor=abc,other=1"
     finally:
         up.kill()
+
+
+def test_hedged_get_through_the_shim(shim, mmesh):
+    """Policy hedging: the slow instance's copy loses to the hedge; the loser is cancelled."""
+    from shim_harness import SimpleApp
+
+    name = _name("hedge")
+    slow, fast = SimpleApp("slow", delay=1.0), SimpleApp("fast")
+    mmesh.register(name, slow.port, instance_id="slow")
+    mmesh.register(name, fast.port, instance_id="fast")
+    wait_endpoints(mmesh, name, 2)
+    from http_servers import set_policy
+
+    set_policy(mmesh, name, {"load_balancer": {"policy": "round_robin"},
+                             "retries": {"hedging": {"enabled": True, "delay": "50ms"}}})
+    try:
+        with httpx.Client(proxy=f"http://127.0.0.1:{shim.port}", trust_env=False) as c:
+            for _ in range(4):  # round robin: the first pick is the slow one at least twice
+                t0 = time.monotonic()
+                r = c.get(f"http://{name}/h")
+                assert (r.status_code, r.text) == (200, "fast")
+                assert time.monotonic() - t0 < 0.8
+        assert slow.count >= 2  # the first copies went there and lost
+    finally:
+        slow.stop()
+        fast.stop()
+
+
+def test_fault_injection_abort_through_the_shim(shim, mmesh):
+    name = _name("fault")
+    up = Upstream(name)
+    register(mmesh, name, up)
+    wait_endpoints(mmesh, name, 1)
+    from http_servers import set_policy
+
+    set_policy(mmesh, name, {"fault": {"abort": {"percent": 100, "http_status": 418}}})
+    try:
+        deadline = time.monotonic() + 5
+        while True:  # until the shim's watch has the policy
+            r = exchange(shim.port, f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close"
+                         "\r\n\r\n".encode())
+            if status_of(r) == 418 or time.monotonic() > deadline:
+                break
+        status, headers, body = split_response(r)
+        assert status == 418 and headers["x-mesh-fault"] == "abort"
+        before = up.count
+        assert status_of(exchange(shim.port, f"GET / HTTP/1.1\r\nHost: {name}\r\n"
+                                  "Connection: close\r\n\r\n".encode())) == 418
+        assert up.count == before  # aborted calls are never sent
+    finally:
+        up.kill()
