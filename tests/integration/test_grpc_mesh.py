@@ -29,6 +29,7 @@ from grpc_servers import (
     pb_grpc,
     spawn,
 )
+from prometheus_client import REGISTRY
 
 from meshlib.grpc import MeshAioRpcError, MeshRpcError
 
@@ -493,14 +494,26 @@ def _run_and_kill(c: Any, victim: Any) -> None:
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
-    victim.send_signal(signal.SIGKILL)  # its etcd record stays; connections are refused
-    time.sleep(0.6)
-    done.set()
-    for t in threads:
-        t.join(10)
-    assert count[0] > 20
+    try:
+        assert wait_until(lambda: count[0] >= 20, 10), "no traffic before the kill"
+        retries = _retries()
+        victim.send_signal(signal.SIGKILL)  # its etcd record stays; connections are refused
+        # the event: calls picked the dead endpoint, failed and were retried elsewhere
+        assert wait_until(lambda: _retries() > retries, 10), "no call met the killed endpoint"
+        after = count[0]
+        assert wait_until(lambda: count[0] >= after + 20, 10), "traffic stopped after the kill"
+    finally:
+        done.set()
+        for t in threads:
+            t.join(10)
     assert errors == []
+
+
+def _retries() -> float:
+    """Retries the mesh decided for calls to SERVICE so far (process registry)."""
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples
+               if s.name == "meshlib_client_retries_total"
+               and s.labels.get("server_address") == SERVICE)
 
 
 def test_server_killed_mid_stream_gives_clear_error_without_replay(mesh, servers, client_factory):
