@@ -541,7 +541,8 @@ class WatchManager:
                 "etcd watch: no etcd endpoint has answered since %s (%.0fs ago); endpoints "
                 "[%s]; last error per endpoint tried: %s; retrying (backoff up to %gs)",
                 time.strftime("%H:%M:%S", time.localtime(self._down_since_wall)),
-                now - self._down_since, ", ".join(self._client.endpoints), tried, _BACKOFF_MAX,
+                max(0.0, now - self._down_since), ", ".join(self._client.endpoints), tried,
+                _BACKOFF_MAX,
             )
         else:
             log.debug("etcd watch stream to %s failed (%s); retrying", s.endpoint, detail)

@@ -434,3 +434,29 @@ def test_watches_cancelled_before_their_create_is_answered_get_nothing(etcd) -> 
             assert _wait(lambda: _etcd_watchers(etcd) - base == len(keep), 5), (
                 _etcd_watchers(etcd) - base, len(keep))
             assert wm.streams_opened == 1 and wm.connected
+
+
+def test_unreachable_etcd_is_reported_with_endpoints_time_and_errors(caplog) -> None:
+    """Issue 9: with no endpoint answering, the warning names every endpoint, since when (wall
+    clock) and each endpoint's last error, instead of 'cannot open a stream ... for 0s'."""
+    import logging
+
+    from meshlib.testing.etcd import free_port
+
+    dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]  # nothing listens there
+    caplog.set_level(logging.WARNING, logger="meshlib.discovery")
+    with EtcdClient(dead, timeout=1) as c:
+        rec = Recorder()
+        t0 = time.time()
+        with WatchManager(c, progress_interval=0.5) as wm:
+            wm.watch_prefix("/gone/", rec.on_reset, rec.on_events)
+            assert _wait(lambda: wm.streams_opened >= 3, 10)  # both endpoints were tried
+            assert wm.down_since is not None and t0 - 1 <= wm.down_since <= time.time()
+            assert not wm.connected and rec.resets == []
+    msgs = [r.getMessage() for r in caplog.records if "no etcd endpoint has answered" in
+            r.getMessage()]
+    assert msgs, [r.getMessage() for r in caplog.records]
+    first = msgs[0]
+    assert time.strftime("%H:%M", time.localtime(wm.down_since)) in first
+    assert all(ep in first for ep in dead), first
+    assert "UNAVAILABLE" in first and "for 0s" not in first
