@@ -46,7 +46,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from meshlib.telemetry import metrics
@@ -56,6 +56,7 @@ __all__ = ["FORMAT", "SnapshotFileWriter", "read_snapshot_file", "Export"]
 log = logging.getLogger("meshlib.discovery")
 
 FORMAT = "meshlib-snapshot/1"
+_SLICE = 50  # services per export slice / per written chunk
 
 #: ``export(services)`` -> ``(default_policy, {service: part or None if gone})``; ``services``
 #: None means every service; a part is ``{"instances": {key: record JSON text}, "policy": doc,
@@ -205,23 +206,12 @@ class SnapshotFileWriter:
             covered = self._marked
         started = time.perf_counter()
         try:
-            default_policy, parts = self._export(None if full else dirty)
-            for n, (service, part) in enumerate(parts.items()):
-                if part is None:
-                    self._fragments.pop(service, None)
-                else:
-                    self._fragments[service] = _service_fragment(service, part)
-                if n % 50 == 49:
-                    time.sleep(0)  # let the watch thread have the GIL (no convoy behind us)
+            default_policy = self._update_fragments(None if full else dirty)
             header = json.dumps({
                 "format": FORMAT, "prefix": self.prefix, "written_at": round(time.time(), 3),
                 "default_policy": default_policy,
             })
-            text = (
-                header[:-1] + ', "services": {'
-                + ", ".join(self._fragments[s] for s in sorted(self._fragments)) + "}}\n"
-            )
-            self._replace(text)
+            size = self._replace(self._chunks(header[:-1] + ', "services": {'))
         except (OSError, TypeError, ValueError) as exc:
             with self._lock:  # retry at the next interval, with the same services
                 self._dirty |= dirty
@@ -243,18 +233,56 @@ class SnapshotFileWriter:
         self.writes += 1
         self.write_seconds += took
         self.max_write_seconds = max(self.max_write_seconds, took)
-        self.last_bytes = len(text)
+        self.last_bytes = size
         self._ok.inc()  # type: ignore[attr-defined]
         self._duration.observe(took)
 
-    def _replace(self, text: str) -> None:
-        """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``
-        and fsync the directory (POSIX rename is atomic: readers see old or new, never half)."""
+    def _update_fragments(self, services: set[str] | None) -> dict[str, Any]:
+        """Rebuild the fragments of ``services`` (None: all), exporting them from the store in
+        slices so that neither the store's lock nor the interpreter lock is held for long."""
+        if services is None:
+            everything, parts = self._export(None)
+            self._rebuild(parts)
+            return everything
+        names = sorted(services)
+        default_policy: dict[str, Any] = {}
+        for i in range(0, max(1, len(names)), _SLICE):
+            default_policy, some = self._export(set(names[i:i + _SLICE]))
+            self._rebuild(some)
+        return default_policy
+
+    def _rebuild(self, parts: dict[str, dict[str, Any] | None]) -> None:
+        for n, (service, part) in enumerate(parts.items(), 1):
+            if part is None:
+                self._fragments.pop(service, None)
+            else:
+                self._fragments[service] = _service_fragment(service, part)
+            if n % _SLICE == 0:
+                time.sleep(0)  # hand the interpreter lock to the watch thread
+        time.sleep(0)
+
+    def _chunks(self, head: str) -> Iterator[str]:
+        """The document in pieces of ``_SLICE`` services (no 2 MiB join on one GIL hold)."""
+        yield head
+        names = sorted(self._fragments)
+        for i in range(0, len(names), _SLICE):
+            sep = ", " if i else ""
+            yield sep + ", ".join(self._fragments[s] for s in names[i:i + _SLICE])
+            time.sleep(0)
+        yield "}}\n"
+
+    def _replace(self, chunks: Iterable[str]) -> int:
+        """Write ``chunks`` to a temporary file beside ``path``, fsync it, rename it over
+        ``path`` and fsync the directory (POSIX rename is atomic: readers see old or new, never
+        a torn file). Returns the characters written."""
         directory, base = os.path.split(self.path)
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+        size = 0
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
+                for chunk in chunks:
+                    fh.write(chunk)
+                    size += len(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
@@ -267,10 +295,11 @@ class SnapshotFileWriter:
         try:
             dfd = os.open(directory, os.O_RDONLY)
         except OSError:
-            return
+            return size
         try:
             os.fsync(dfd)
         except OSError:
             pass
         finally:
             os.close(dfd)
+        return size
