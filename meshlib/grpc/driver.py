@@ -103,7 +103,7 @@ class CallDriver:
         self._gen: CallGen | None = start_call(owner._dest, owner._method, metadata, timeout,
                                                owner._replayable, owner._observer)
         self._tel = tel = owner._tel
-        self._span: Any = NOOP_CALL if _tstate.off(started) else tel.start()
+        self._span: Any = NOOP_CALL if started < _tstate.off_until else tel.start()
         self._md = base_metadata(metadata, owner._extra)
         self._aspan: Any = None  # the attempt in flight (its span); None between attempts
         self._deadline: Any = None  # the call's overall deadline, from the last attempt

@@ -30,6 +30,7 @@ Measured numbers are in docs/tracing.md.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, MutableSequence
 from typing import Any, Final
@@ -61,25 +62,22 @@ _TRACER_NAME: Final = "meshlib"
 
 
 class _State:
-    """``tracer`` (None while tracing is off) and ``next_check``: the ``time.perf_counter()``
-    reading after which :func:`_tracer` looks for a configured SDK again. A driver that has
-    just read ``perf_counter()`` knows tracing is off, with no call, when
-    ``tracer is None and now < next_check``."""
+    """``tracer`` (None while tracing is off) and ``off_until``: tracing is off for every
+    ``time.perf_counter()`` reading below it. While no tracer is known it is the time of the
+    next look for a configured SDK (``RECHECK_SECONDS`` after the last look; 0 after
+    :func:`configure`: look now); once a tracer is found it is ``-inf``. It is kept current
+    where ``tracer`` is written (:func:`_tracer`, :func:`configure`), so "is tracing off?" is
+    one comparison, ``now < state.off_until``, read by :func:`_tracer` and by a driver that
+    has just read the clock (it then uses :data:`NOOP_CALL` without calling
+    ``start_*_call``)."""
 
-    __slots__ = ("next_check", "override", "passthrough", "tracer")
+    __slots__ = ("off_until", "override", "passthrough", "tracer")
 
     def __init__(self) -> None:
         self.tracer: trace.Tracer | None = None
         self.override: trace.TracerProvider | None = None
-        self.next_check = 0.0
+        self.off_until = 0.0
         self.passthrough = False
-
-    def off(self, now: float) -> bool:
-        """True when tracing is known to be off at ``now`` (a ``perf_counter()`` reading): no
-        tracer, and the next look for an SDK is not due yet. The one test of "tracing off":
-        :func:`_tracer` asks it, and so does a driver that has just read the clock (it then
-        uses :data:`NOOP_CALL` without calling ``start_*_call``)."""
-        return self.tracer is None and now < self.next_check
 
 
 _state = _State()
@@ -93,7 +91,7 @@ def configure(tracer_provider: trace.TracerProvider | None = None,
     if propagate_without_sdk is not None:
         _state.passthrough = propagate_without_sdk
     _state.tracer = None
-    _state.next_check = 0.0
+    _state.off_until = 0.0
 
 
 def _tracer() -> trace.Tracer | None:
@@ -101,13 +99,14 @@ def _tracer() -> trace.Tracer | None:
     if t is not None:
         return t
     now = time.perf_counter()
-    if _state.off(now):
+    if now < _state.off_until:
         return None
-    _state.next_check = now + RECHECK_SECONDS
+    _state.off_until = now + RECHECK_SECONDS
     provider = _state.override or trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
     t = _state.tracer = provider.get_tracer(_TRACER_NAME, schema_url=sc.SCHEMA_URL)
+    _state.off_until = -math.inf
     return t
 
 

@@ -182,21 +182,21 @@ def test_passthrough_without_sdk_forwards_the_inbound_context(no_sdk: None) -> N
     assert header(out, "traceparent") == [tp.encode()]
 
 
-def test_off_is_what_start_rpc_call_answers(no_sdk: None) -> None:
-    """``state.off(now)``, the one "tracing off" test the gRPC driver asks with its own clock
-    reading, agrees with the span factories: off -> the shared no-op call span."""
+def test_off_until_is_what_start_rpc_call_answers(no_sdk: None) -> None:
+    """``state.off_until``, the one "tracing off" flag (the gRPC driver compares its own clock
+    reading with it), agrees with the span factories: off -> the shared no-op call span."""
     import time
 
     assert tracing.start_rpc_call("orders", "a.B", "C") is tracing.NOOP_CALL  # looked, no SDK
-    assert tracing.state.off(time.perf_counter())
-    assert not tracing.state.off(tracing.state.next_check)  # a new look is due then
+    assert time.perf_counter() < tracing.state.off_until  # off until the next look
+    assert tracing.state.off_until - time.perf_counter() <= tracing.RECHECK_SECONDS
     exp = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exp))
     tracing.configure(tracer_provider=provider)
-    assert not tracing.state.off(time.perf_counter())  # configure() forces a new look
+    assert not time.perf_counter() < tracing.state.off_until  # configure() forces a new look
     call = tracing.start_rpc_call("orders", "a.B", "C")
     assert call is not tracing.NOOP_CALL
-    assert not tracing.state.off(0.0)  # a tracer is kept once seen
+    assert tracing.state.off_until == float("-inf")  # a tracer is kept once seen
     call.end("OK")
     assert len(exp.get_finished_spans()) == 1
