@@ -226,7 +226,8 @@ class ServerConnection(asyncio.Protocol):
         self.in_head = False
         self.head_bytes = 0
         self.stopped = False  # no more parsing (rejected, closing, upgraded)
-        self.timer: asyncio.TimerHandle | None = None
+        self.expires = 0.0  # loop time when ``on_expire`` runs (0: no timer); FrontServer sweeps
+        self.on_expire: Callable[[], None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.wake: asyncio.Future[None] | None = None
         self.reading_paused = False
@@ -440,26 +441,26 @@ class ServerConnection(asyncio.Protocol):
         self._enqueue(cur)
 
     def _head_expired(self) -> None:
-        self.timer = None
         if self.busy or self.queue:
             return
         self._fail_head(408, f"request head not received within {self.limits.head_timeout}s")
 
     def _idle_expired(self) -> None:
-        self.timer = None
         if not self.busy and not self.queue and self.cur is None and self.transport:
             self.transport.close()
 
     # ---------------------------------------------------------------- helpers
     def _arm(self, seconds: float, fn: Callable[[], None]) -> None:
-        self._disarm()
+        """Run ``fn`` after ``seconds`` unless re-armed or disarmed first. No loop timer per
+        request: ``FrontServer`` sweeps its connections a few times per timeout."""
         if seconds and seconds > 0:
-            self.timer = self.loop.call_later(seconds, fn)
+            self.expires = self.loop.time() + seconds
+            self.on_expire = fn
+        else:
+            self.expires = 0.0
 
     def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.expires = 0.0
 
     def _pause(self) -> None:
         if not self.reading_paused and self.transport is not None:
@@ -692,12 +693,31 @@ class FrontServer:
         self.draining = False
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.sweep_interval = 1.0
 
     async def listen(self, host: str, port: int) -> int:
         self.server = await self.loop.create_server(
             lambda: ServerConnection(self), host, port, reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
+        lim = self.limits
+        timeouts = [t for t in (lim.head_timeout, lim.idle_timeout) if t and t > 0]
+        if timeouts:  # the timers of every connection, checked ~5 times per shortest timeout
+            self.sweep_interval = min(1.0, max(0.02, min(timeouts) / 5))
+            self.sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         return self.port
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            expires = conn.expires
+            if expires and now >= expires and conn.on_expire is not None:
+                conn.expires = 0.0
+                try:
+                    conn.on_expire()
+                except Exception:
+                    log.exception("shim: connection timer failed")
+        self.sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
 
     def start_drain(self) -> None:
         """Answer with ``Connection: close`` from now on; close idle connections now."""
@@ -710,6 +730,9 @@ class FrontServer:
         return sum(1 for c in self.connections if c.busy or c.queue or c.tunnel is not None)
 
     async def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):

@@ -102,22 +102,32 @@ def strip_hop_by_hop(headers: list[tuple[bytes, bytes]], keep_upgrade: bool = Fa
                      drop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
     """The end-to-end fields of ``headers`` (see the module docstring); ``drop``: more
     lower-case names to remove. ``keep_upgrade`` keeps ``Upgrade`` and a ``Connection:
-    upgrade`` for a tunnelled upgrade request."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            for token in value.lower().split(b","):
-                t = token.strip()
-                if t:
-                    named.add(t)
+    upgrade`` for a tunnelled upgrade request.
+
+    One pass; the fields a ``Connection`` header names are removed in a second pass only
+    when it names any besides ``close``/``keep-alive`` (rare)."""
     out = []
+    named: set[bytes] | None = None
     for name, value in headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in named or lname in drop:
-            if keep_upgrade and lname == b"upgrade":
+        if lname in HOP_BY_HOP or lname in drop:
+            if lname == b"connection":
+                for token in value.lower().split(b","):
+                    t = token.strip()
+                    if t and t not in _CONNECTION_OPTIONS:
+                        if named is None:
+                            named = set()
+                        named.add(t)
+            elif keep_upgrade and lname == b"upgrade":
                 out.append((name, value))
             continue
         out.append((name, value))
+    if named:
+        out = [h for h in out if h[0].lower() not in named
+               or (keep_upgrade and h[0].lower() == b"upgrade")]
     if keep_upgrade:
         out.append((b"Connection", b"upgrade"))
     return out
+
+
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
