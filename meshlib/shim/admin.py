@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 
-from meshlib.shim.frontend import Request, Responder
+from meshlib.shim.request import Request
+from meshlib.shim.responder import Responder
 from meshlib.telemetry.metrics import MeshMetrics
 
 if TYPE_CHECKING:

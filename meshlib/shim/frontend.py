@@ -19,16 +19,10 @@ with 400 and the connection closed, nothing handed to the application):
   ``client_idle_timeout``.
 
 Requests are queued per connection and handled one at a time in arrival order (pipelining
-is allowed by RFC 9112 9.3.2 and answered in order). Bodies stream: ``Request.body`` is an
-async iterator fed by the parser with flow control (reading pauses while more than 256 KiB
-wait), so no body is held whole unless the handler asks for it (``read_upto``).
-
-Responses (:class:`Responder`) are framed here from what the handler knows: no body for HEAD
-requests and for 1xx, 204 and 304 (tracked from the request method and the status, never
-guessed by a response parser), ``Content-Length`` when the length is known, chunked for an
-HTTP/1.1 client otherwise, and close-delimited for an HTTP/1.0 client. ``Connection: close``
-is sent, and the connection closed after the response, when the client asked for it, when
-the request body was not read to its end, or when the server is draining.
+is allowed by RFC 9112 9.3.2 and answered in order). Bodies stream (``request.Body``, with
+flow control); responses are framed by ``responder.Responder``. The timers of every
+connection (head, idle) are checked by a sweep of the server a few times per timeout rather
+than by one loop timer per request.
 """
 
 from __future__ import annotations
@@ -36,26 +30,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from http import HTTPStatus
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httptools
 
 from meshlib.shim.metrics import ShimMetrics
+from meshlib.shim.request import Body, BodyError, Request
+from meshlib.shim.responder import Responder
+
+__all__ = ["Body", "BodyError", "FrontServer", "Limits", "Request", "Responder",
+           "ServerConnection"]
 
 log = logging.getLogger("meshlib.shim")
-
-_BODY_HIGH: Final = 256 * 1024
-_STATUS_LINES: Final = {
-    int(s): b"HTTP/1.1 %d %s\r\n" % (int(s), s.phrase.encode()) for s in HTTPStatus
-}
-_NO_BODY_STATUS: Final = frozenset({204, 304})
-
-
-def status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    return line if line is not None else b"HTTP/1.1 %d Status\r\n" % status
 
 
 class Limits:
@@ -72,138 +59,7 @@ class Limits:
         self.idle_timeout = idle_timeout
 
 
-class BodyError(Exception):
-    """The request body could not be read to its end (client gone, bad framing, too big)."""
-
-
-class Body:
-    """A request body as the parser delivers it; iterate it once (``async for``)."""
-
-    __slots__ = ("conn", "parts", "size", "done", "error", "waiter", "expect_continue",
-                 "consumed", "received", "error_status")
-
-    def __init__(self, conn: ServerConnection, expect_continue: bool) -> None:
-        self.conn = conn
-        self.parts: deque[bytes] = deque()
-        self.size = 0  # bytes buffered
-        self.received = 0  # bytes received in total
-        self.done = False
-        self.error: str | None = None
-        self.error_status = 400  # the answer to give when ``error`` is set
-        self.waiter: asyncio.Future[None] | None = None
-        self.expect_continue = expect_continue
-        self.consumed = False
-
-    def _feed(self, data: bytes) -> None:
-        self.parts.append(data)
-        self.size += len(data)
-        self.received += len(data)
-        if self.size > _BODY_HIGH:
-            self.conn._pause()
-        self._wake()
-
-    def _end(self, error: str | None = None) -> None:
-        self.done = True
-        if error is not None and self.error is None:
-            self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    async def _next(self) -> bytes | None:
-        while True:
-            if self.parts:
-                part = self.parts.popleft()
-                self.size -= len(part)
-                if self.size <= _BODY_HIGH // 2:
-                    self.conn._resume()
-                return part
-            if self.error is not None:
-                raise BodyError(self.error)
-            if self.done:
-                self.consumed = True
-                return None
-            if self.expect_continue:
-                self.expect_continue = False
-                self.conn._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            conn = self.conn
-            conn._resume()
-            w = self.waiter = conn.loop.create_future()
-            stall = conn.limits.idle_timeout
-            if not stall:
-                await w
-                continue
-            handle = conn.loop.call_later(stall, _stalled, w)
-            try:
-                await w
-            finally:
-                handle.cancel()
-            if w.result() is _STALLED:
-                self.error_status = 408
-                self.error = f"no request body bytes for {stall}s"
-                raise BodyError(self.error)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            part = await self._next()
-            if part is None:
-                return
-            yield part
-
-    async def read_upto(self, limit: int) -> tuple[list[bytes], bool]:
-        """Read parts until the body ends (True) or more than ``limit`` bytes were read
-        (False: the rest is still to come through iteration)."""
-        got: list[bytes] = []
-        n = 0
-        while n <= limit:
-            part = await self._next()
-            if part is None:
-                return got, True
-            got.append(part)
-            n += len(part)
-        return got, False
-
-
-_STALLED: Final = object()
-
-
-def _stalled(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_result(_STALLED)
-
-
-class Request:
-    """One parsed request head and its streaming body."""
-
-    __slots__ = ("method", "target", "version", "headers", "body", "keep_alive",
-                 "content_length", "chunked", "reject", "host", "upgrade", "tail", "queued")
-
-    def __init__(self) -> None:
-        self.method = ""
-        self.target = b""
-        self.version = "1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: Body | None = None
-        self.keep_alive = True
-        self.content_length: int | None = None
-        self.chunked = False
-        self.reject: tuple[int, str] | None = None
-        self.host: bytes | None = None
-        self.upgrade = False  # an Upgrade/CONNECT request: llhttp hands over the raw stream
-        self.tail = b""  # bytes after an upgrade request's head
-        self.queued = False
-
-    def header(self, lname: bytes) -> bytes | None:
-        for name, value in self.headers:
-            if name.lower() == lname:
-                return value
-        return None
-
-
-Handler = Callable[[Request, "Responder"], Awaitable[None]]
+Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
 class _Reject(Exception):
@@ -550,134 +406,6 @@ class ServerConnection(asyncio.Protocol):
         self._disarm()
         if self.transport is not None and not self.closed:
             self.transport.close()
-
-
-class Responder:
-    """Writes one response to the client, framing it (see the module docstring)."""
-
-    __slots__ = ("conn", "req", "started", "chunked", "close_after", "no_body", "tunnelled",
-                 "status", "pending")
-
-    def __init__(self, conn: ServerConnection, req: Request) -> None:
-        self.conn = conn
-        self.req = req
-        self.started = False
-        self.chunked = False
-        self.no_body = False
-        self.tunnelled = False
-        self.status = 0
-        self.pending: bytes | None = None  # the head, not written yet
-        srv = conn.server
-        self.close_after = (not req.keep_alive) or srv.draining or req.upgrade
-
-    def start(self, status: int, headers: list[tuple[bytes, bytes]],
-              length: int | None, hold: bool = True) -> None:
-        """Send the head. ``headers`` must not contain framing or hop-by-hop fields except
-        ``Content-Length`` when ``length`` is given (HEAD/304 keep the upstream's value).
-        ``hold``: keep the head until the first body bytes or :meth:`end` (one write for a
-        small response); pass False when the body may be slow to come (the client must see
-        the head at once)."""
-        req = self.req
-        self.started = True
-        self.status = status
-        self.no_body = (req.method == "HEAD" or status in _NO_BODY_STATUS
-                        or 100 <= status < 200)
-        conn = self.conn
-        if conn.server.draining or (conn.stopped and not conn.queue) or (
-                req.body is not None and req.body.error is not None):
-            self.close_after = True  # nothing more will be read from this connection
-        parts = [status_line(status)]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if not self.no_body:
-            if length is not None:
-                parts.append(b"Content-Length: %d\r\n" % length)
-            elif req.version == "1.1":
-                self.chunked = True
-                parts.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                self.close_after = True  # close-delimited for an HTTP/1.0 client
-        elif length is not None and status not in _NO_BODY_STATUS:
-            parts.append(b"Content-Length: %d\r\n" % length)
-        body = req.body
-        if body is not None and not body.done and not req.upgrade:
-            self.close_after = True  # the rest of the request body will not be read
-        if self.close_after:
-            parts.append(b"Connection: close\r\n")
-        elif req.version == "1.0":
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        head = b"".join(parts)
-        if hold:
-            self.pending = head
-        else:
-            self.conn._write(head)
-
-    async def write(self, data: bytes) -> None:
-        if self.no_body or not data:
-            return
-        conn = self.conn
-        if self.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        pending = self.pending
-        if pending is not None:
-            self.pending = None
-            if len(data) < 65536:
-                data = pending + data
-            else:
-                conn._write(pending)
-        conn._write(data)
-        if conn.write_paused:
-            await conn.drain()
-        if conn.closed:
-            raise ConnectionResetError("client closed the connection")
-
-    def end(self) -> None:
-        tail = b"0\r\n\r\n" if self.chunked and not self.no_body else b""
-        pending = self.pending
-        if pending is not None:
-            self.pending = None
-            tail = pending + tail
-        if tail:
-            self.conn._write(tail)
-
-    def switch(self, headers: list[tuple[bytes, bytes]]) -> None:
-        """Send the endpoint's ``101 Switching Protocols`` (with its ``Upgrade`` and
-        ``Connection: upgrade``); the connection then belongs to a tunnel."""
-        self.started = True
-        self.tunnelled = True
-        self.status = 101
-        self.no_body = True
-        parts = [status_line(101)]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        self.conn._write(b"".join(parts))
-
-    def abort(self) -> None:
-        """The response cannot be completed (upstream failed mid-body): close the connection
-        without the final chunk, so the client sees an incomplete message, not a short one."""
-        self.close_after = True
-        self.pending = None
-        t = self.conn.transport
-        if t is not None:
-            t.abort()
-
-    async def simple(self, status: int, message: str,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        """A small text/plain answer from the shim itself."""
-        body = (message + "\n").encode()
-        hdrs = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"X-Mesh-Shim", b"1")]
-        if headers:
-            hdrs += headers
-        if status >= 400:
-            # a request body that was not read would be parsed as the next request
-            body_obj = self.req.body
-            if body_obj is not None and not body_obj.done:
-                self.close_after = True
-        self.start(status, hdrs, len(body))
-        await self.write(body)
-        self.end()
 
 
 class FrontServer:

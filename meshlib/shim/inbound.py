@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Final
 from meshlib.context import current_deadline
 from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, encode_timeout
 from meshlib.server.asgi import MeshASGIMiddleware
-from meshlib.shim.frontend import Request, Responder
+from meshlib.shim.request import Request
+from meshlib.shim.responder import Responder
 from meshlib.shim.safety import strip_hop_by_hop
 from meshlib.shim.upstream import UpstreamPool
 from meshlib.telemetry.tracing import inject_headers

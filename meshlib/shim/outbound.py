@@ -68,8 +68,9 @@ from meshlib.http.errors import (
     RetryBudgetExhaustedError,
 )
 from meshlib.server.common import inbound_deadline
-from meshlib.shim.frontend import BodyError, Request, Responder
 from meshlib.shim.metrics import ShimMetrics
+from meshlib.shim.request import BodyError, Request
+from meshlib.shim.responder import Responder
 from meshlib.shim.safety import Refusal, check_destination, split_authority, strip_hop_by_hop
 from meshlib.shim.tunnel import Tunnel
 from meshlib.shim.upstream import StaleConnectionError, UpstreamPool, UpstreamResponse
