@@ -152,3 +152,32 @@ def test_calls_fail_over_when_the_leader_is_killed(etcd_cluster) -> None:
         assert c.get("/f") == (b"before", c.get("/f")[1])
         kvs, _ = c.get_prefix("/f/")
         assert len(kvs) == 10
+
+
+def test_requests_pass_a_sigstopped_member_within_one_attempt_deadline(etcd_cluster) -> None:
+    """Issue 10.2: a SIGSTOPped member keeps its TCP connection, so round robin still sends it
+    requests; each such attempt ends at its deadline (max(1 s, timeout / 2)) and the retry goes
+    to the next member. No read takes longer than one attempt deadline plus a retry."""
+    import os
+    import signal
+
+    timeout = 2.0
+    with EtcdClient(etcd_cluster.endpoints, timeout=timeout) as c:
+        c.put("/hang/a", b"1")
+        for _ in range(6):  # every subchannel READY before the stop
+            assert c.get("/hang/a") is not None
+        victim = etcd_cluster.members[etcd_cluster.leader_index() - 1]  # a follower
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            took = []
+            for _ in range(6):
+                t0 = time.monotonic()
+                got = c.get("/hang/a", timeout=timeout)
+                took.append(time.monotonic() - t0)
+                assert got is not None and got[0] == b"1"
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+    attempt = max(1.0, timeout / 2)
+    assert max(took) < attempt + 0.5, took
+    assert any(t >= attempt * 0.9 for t in took), took  # round robin did meet the stopped one
