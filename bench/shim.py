@@ -325,10 +325,10 @@ def h2load_grpc(core: int, port: int, requests: int, workdir: Path) -> float:
             "-H", "te: trailers", f"http://127.0.0.1:{port}{GRPC_METHOD}"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300).stdout
     done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
-    m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+    m = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
     if not m or not done or int(done.group(1)) != requests:
         raise RuntimeError(f"h2load gRPC run against {port} failed:\n{out}")
-    return float(m.group(2))
+    return float(m.group(1))
 
 
 def grpc_check(port: int) -> None:
