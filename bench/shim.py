@@ -14,8 +14,8 @@ and cost"):
 * saturation throughput: ``wrk -t1 -c32`` for ``--seconds``; the variants take turns for
   ``--rounds`` rounds in rotated order (this machine drifts: see bench/harness.py) and each
   variant's median round is reported;
-* latency at a fixed 1000 req/s, open loop: ``h2load --h1 --rps`` (20 clients x 50 req/s) with
-  a per-request log, from which p50/p99 are computed (h2load prints no percentiles itself),
+* latency at a fixed 1000 req/s, open loop: ``h2load --h1 --rps`` (20 clients x 50 req/s,
+  started 1 ms apart so that their timers do not fire in bursts of 20) with a per-request log, from which p50/p99 are computed (h2load prints no percentiles itself),
   in rounds like the throughput; the added p99 is the median over rounds of (shim p99 minus
   direct p99) of the same round;
 * the shim's RSS (``VmRSS``) idle (started, a few warm-up requests, 1 s quiet) and the highest
@@ -297,8 +297,11 @@ def h2load_fixed_rate(core: int, port: int, seconds: float, host: str | None,
     """Open-loop HTTP/1.1 load at ``rate`` req/s; (latencies in ms, non-2xx count)."""
     log = workdir / f"h2load-{port}.log"
     log.unlink(missing_ok=True)
+    # one connection per millisecond (-r 1 --rate-period 1ms), so the clients' timers are
+    # spread over the period instead of firing together in bursts of `clients` requests
     argv = [tool("taskset"), "-c", str(core), tool("h2load"), "--h1", "-c", str(clients),
-            "--rps", str(rate // clients), "-D", str(int(seconds)), "--log-file", str(log)]
+            "--rps", str(rate // clients), "-n", str(int(rate * seconds)), "-r", "1",
+            "--rate-period", "1ms", "--log-file", str(log)]
     if host:  # h2load takes the Host of HTTP/1.1 requests from :authority (-H Host adds one)
         argv += ["-H", f":authority: {host}"]
     subprocess.run([*argv, f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
