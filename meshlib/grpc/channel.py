@@ -370,23 +370,22 @@ class _StreamCall(CallDriver, grpc.Call, grpc.Future, Iterator[Any]):  # type: i
 
     def _drive(self) -> None:
         """Until committed: read the first message, retrying uncommitted failures."""
-        while not self._committed:
-            call = self._call
-            try:
-                self._buffer.append(next(call))
-            except StopIteration:
-                pass
-            except grpc.RpcError as err:
-                result = result_from_error(err)
-                if result.grpc_code is None:  # headers had arrived: committed
-                    break
+        try:
+            while not self._committed:
                 try:
+                    self._buffer.append(next(self._call))
+                except StopIteration:
+                    pass
+                except grpc.RpcError as err:
+                    result = result_from_error(err)
+                    if result.grpc_code is None:  # headers had arrived: committed
+                        break
                     self._run(self.ended(result))
-                except BaseException as exc:
-                    self.abort(exc)
-                    raise
-                continue
-            break
+                    continue
+                break
+        except BaseException as exc:  # interrupted (e.g. KeyboardInterrupt while waiting)
+            self.abort(exc)
+            raise
         if self._error is None:
             self._commit()
 
