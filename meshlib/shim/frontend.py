@@ -205,6 +205,10 @@ class ServerConnection(asyncio.Protocol):
             cur.chunked = True  # llhttp has checked that the last coding is chunked
         elif lname == b"content-length":
             cur.content_length = int(value)  # llhttp has checked 1*DIGIT, no duplicates
+        elif lname == b"x-mesh-timeout":
+            cur.timeout = value
+        elif lname == b"expect":
+            cur.expect = value
         cur.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -227,7 +231,7 @@ class ServerConnection(asyncio.Protocol):
         if mb and cur.content_length is not None and cur.content_length > mb:
             self._reject(413, f"request body of {cur.content_length} bytes is over the "
                          f"limit of {mb} bytes")
-        expect = cur.header(b"expect")
+        expect = cur.expect
         cur.body = Body(self, expect is not None and expect.lower() == b"100-continue"
                         and cur.version == "1.1")
         if cur.content_length == 0 or (cur.content_length is None and not cur.chunked):

@@ -282,8 +282,11 @@ class OutboundProxy:
             await resp.simple(r.status, r.reason, [(b"X-Mesh-Refused", r.code.encode())])
             return
         dest = route.dest
-        timeout_value = req.header(_TIMEOUT_HEADER)
-        deadline, expired = inbound_deadline(timeout_value, dest.now)
+        timeout_value = req.timeout
+        if timeout_value is None:
+            deadline, expired = None, False
+        else:
+            deadline, expired = inbound_deadline(timeout_value, dest.now)
         if expired:
             await resp.simple(504, f"service {service!r}: the caller's deadline "
                               "(x-mesh-timeout) had already passed",
@@ -349,8 +352,10 @@ class OutboundProxy:
             has_idempotency_key=lambda: lookup.get("idempotency-key") is not None,
             replayable=replayable, deadline=deadline, observer=route.recorder,
         )
+        retry = plan.retry
         idempotent = replayable and is_idempotent(
-            method, lookup.get("idempotency-key") is not None, plan.retry)
+            method, method not in retry.methods and lookup.get("idempotency-key") is not None,
+            retry)
         span = tracing.start_http_call(route.service, method)
         recorder = route.recorder
         now = dest.now

@@ -128,7 +128,8 @@ class Request:
     """One parsed request head and its streaming body."""
 
     __slots__ = ("method", "target", "version", "headers", "body", "keep_alive",
-                 "content_length", "chunked", "reject", "host", "upgrade", "tail", "queued")
+                 "content_length", "chunked", "reject", "host", "upgrade", "tail", "queued",
+                 "timeout", "expect")
 
     def __init__(self) -> None:
         self.method = ""
@@ -144,6 +145,8 @@ class Request:
         self.upgrade = False  # an Upgrade/CONNECT request: llhttp hands over the raw stream
         self.tail = b""  # bytes after an upgrade request's head
         self.queued = False
+        self.timeout: bytes | None = None  # x-mesh-timeout, noted while parsing
+        self.expect: bytes | None = None  # Expect, noted while parsing
 
     def header(self, lname: bytes) -> bytes | None:
         for name, value in self.headers:

@@ -294,3 +294,22 @@ def test_http10_client(shim, mmesh, ups):
     status, headers, body = split_response(response)
     assert (status, body, headers.get("connection")) == (200, up.name.encode(), "close")
     assert up.received[-1].path == "/old"
+
+
+def test_config_shows_an_open_breaker(shim, mmesh, ups):
+    name, (up,) = _service(mmesh, ups)
+    up.mode = "503"
+    set_policy(mmesh, name, {"retries": {"attempts": 1},
+                             "circuit_breaker": {"failure_threshold": 2, "reset_timeout": "30s"}})
+    req = f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode()
+    stop = time.monotonic() + 5
+    status, headers, _ = split_response(exchange(shim.port, req))
+    while headers.get("x-mesh-error") != "circuit_open":  # 503s from the instance open it
+        assert time.monotonic() < stop, headers
+        status, headers, _ = split_response(exchange(shim.port, req))
+    assert status == 503
+    failed_before_open = up.count
+    exchange(shim.port, req)
+    assert up.count == failed_before_open  # failing fast: not sent
+    (ep,) = shim.admin_json("/config")["destinations"][name]["endpoints"]
+    assert ep["breaker"] == "open"
