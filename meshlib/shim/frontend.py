@@ -118,6 +118,10 @@ class ServerConnection(asyncio.Protocol):
             d.set_result(None)
         if self.tunnel is not None:
             self.tunnel.client_lost()
+        elif self.busy and self.task is not None:
+            # the app went away: stop working for it (the forward is cancelled, its upstream
+            # connection aborted, its load and breaker slots released by the call plan)
+            self.task.cancel()
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -126,8 +130,10 @@ class ServerConnection(asyncio.Protocol):
         cur = self.cur
         if cur is not None and cur.body is not None and not cur.body.done:
             cur.body._end("client closed the connection before the request body ended")
-        # keep the transport open to answer what was asked (then close), else close at once
-        return bool(self.busy or self.queue)
+        # The app closed its side while a request is pending: like nginx (without
+        # proxy_ignore_client_abort), take it as the app giving up. Closing the transport
+        # (return False) leads to connection_lost, which cancels the forward.
+        return False
 
     def pause_writing(self) -> None:
         self.write_paused = True

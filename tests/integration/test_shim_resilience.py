@@ -197,3 +197,44 @@ def test_fault_injection_abort_through_the_shim(shim, mmesh):
         assert up.count == before  # aborted calls are never sent
     finally:
         up.kill()
+
+
+def test_app_going_away_cancels_the_forward(shim, mmesh):
+    """The app closes its connection while the endpoint is still working: the shim drops the
+    upstream connection at once instead of waiting for an answer nobody will read."""
+    import socket as socket_mod
+
+    from shim_harness import RawUpstream
+
+    class Silent(RawUpstream):
+        def __init__(self) -> None:
+            self.closed_by_peer = threading.Event()
+            super().__init__(b"")
+
+        def _conn(self, conn: socket_mod.socket) -> None:
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                self.count += 1
+                if conn.recv(65536) == b"":  # blocks until the shim closes its side
+                    self.closed_by_peer.set()
+
+    silent = Silent()
+    name = _name("gone")
+    mmesh.register(name, silent.port, instance_id="silent")
+    wait_endpoints(mmesh, name, 1)
+    try:
+        s = socket_mod.create_connection(("127.0.0.1", shim.port), timeout=5)
+        s.sendall(f"GET /slow HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+        deadline = time.monotonic() + 5
+        while silent.count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert silent.count == 1
+        s.close()  # the app gives up
+        assert silent.closed_by_peer.wait(3)
+    finally:
+        silent.stop()
