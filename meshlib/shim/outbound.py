@@ -57,7 +57,7 @@ from meshlib.core.call import (
     Sleep,
     run_call,
 )
-from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, encode_timeout
+from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, Deadline, encode_timeout
 from meshlib.core.outcome import Outcome, classify_http
 from meshlib.core.retry import is_idempotent, parse_retry_after
 from meshlib.http.attempt import finish, record_attempt, record_cancelled, result_from_error
@@ -283,15 +283,11 @@ class OutboundProxy:
             return
         dest = route.dest
         timeout_value = req.timeout
-        if timeout_value is None:
-            deadline, expired = None, False
-        else:
+        deadline = None
+        if timeout_value is not None:
             deadline, expired = inbound_deadline(timeout_value, dest.now)
-        if expired:
-            await resp.simple(504, f"service {service!r}: the caller's deadline "
-                              "(x-mesh-timeout) had already passed",
-                              [(b"X-Mesh-Error", b"deadline_exceeded")])
-            return
+            if expired:  # the plan ends the call at once (504, recorded as the library does)
+                deadline = Deadline(dest.now())
         try:
             body, replayable = await self._body(req)
         except BodyError as exc:
