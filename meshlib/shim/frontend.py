@@ -182,6 +182,10 @@ class ServerConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- parser callbacks
     def on_message_begin(self) -> None:
         self.cur = Request()
+        if not self.in_head:  # a pipelined request starting inside an earlier chunk
+            self.in_head = True
+            self.head_bytes = 0
+            self._arm(self.limits.head_timeout, self._head_expired)
         self.head_size = 0
         self.fields = 0
 
@@ -404,8 +408,11 @@ class ServerConnection(asyncio.Protocol):
                     # the handler did not read the body: the connection cannot be reused
                     self.close()
                     return
-                if not self.queue and self.cur is None:
-                    self._arm(self.limits.idle_timeout, self._idle_expired)
+                if not self.queue:
+                    if self.cur is None:
+                        self._arm(self.limits.idle_timeout, self._idle_expired)
+                    elif self.in_head:  # the next head is arriving: it gets its own time
+                        self._arm(self.limits.head_timeout, self._head_expired)
         finally:
             self.task = None
             if self.stopped and not self.queue and not self.busy and self.tunnel is None:

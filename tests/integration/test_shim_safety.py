@@ -342,3 +342,16 @@ def test_stalled_request_body_408(shim, canary):
     assert status_of(data) == 408 and b"no request body bytes for 1.0s" in data
     assert 0.8 < waited < 4.0
     assert canary.count == before
+
+
+def test_slowloris_behind_a_pipelined_request(shim, canary):
+    """A complete request followed, in the same packet, by the start of a head that never
+    ends: the first is answered, then the head timeout closes the connection."""
+    before = canary.count
+    with socket.create_connection(("127.0.0.1", shim.port), timeout=5) as s:
+        s.sendall(b"GET /first HTTP/1.1\r\nHost: canary\r\n\r\nGET /second HTTP/1.1\r\nHo")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 408 Request Timeout" in data
+    assert canary.count == before + 1 and canary.received[-1].path == "/first"
