@@ -55,6 +55,7 @@ class Shim:
         self.draining = False
         self.started_at = time.time()
         self._stop: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---------------------------------------------------------------- running
@@ -75,6 +76,7 @@ class Shim:
         cfg = self.config
         loop = self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
         _configure_tracing(cfg.tracing)
         from meshlib.mesh import Mesh
 
@@ -126,8 +128,14 @@ class Shim:
                  f", inbound {cfg.bind}:{cfg.inbound_port}" if cfg.inbound_port else "")
 
     def request_shutdown(self, why: str = "") -> None:
-        """Start the drain (idempotent; safe from signal handlers on the loop)."""
-        if self._stop is not None and not self._stop.is_set():
+        """Start the drain (safe from signal handlers on the loop); asked again while
+        draining (a second Ctrl-C), end the drain period at once."""
+        if self._stop is not None and self._stop.is_set():
+            if self._hurry is not None and not self._hurry.is_set():
+                log.info("shim: %s again: ending the drain now", why)
+                self._hurry.set()
+            return
+        if self._stop is not None:
             log.info("shim: shutting down (%s): deregistering, draining %.1fs", why,
                      self.config.drain_seconds)
             self.draining = True
@@ -140,7 +148,11 @@ class Shim:
         for srv in (self.outbound, self.inbound):
             if srv is not None:
                 srv.start_drain()
-        await asyncio.sleep(self.config.drain_seconds)
+        assert self._hurry is not None
+        try:
+            await asyncio.wait_for(self._hurry.wait(), self.config.drain_seconds)
+        except TimeoutError:
+            pass
         for handle in self.upstreams:
             try:
                 await asyncio.to_thread(handle.stop, 1.0)

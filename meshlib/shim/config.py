@@ -18,7 +18,7 @@ import argparse
 import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from meshlib.core.endpoints import Protocol
@@ -79,7 +79,6 @@ class ShimConfig:
     drain_seconds: float = 5.0
     tracing: str = "passthrough"
     log_level: str = "info"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def own_ports(self) -> frozenset[int]:
         """Every port this shim listens on (refused as a destination: no proxy loops)."""

@@ -275,3 +275,16 @@ def test_request_body_stalling_mid_forward(etcd_server, mmesh):
             assert 'error_type="meshlib.shim.outbound.ClientBodyError"' in text
     finally:
         up.kill()
+
+
+def test_second_signal_ends_the_drain(etcd_server, mmesh):
+    shim = ShimProcess(etcd_server.endpoint, _prefix(mmesh), drain=30)
+    try:
+        shim.proc.send_signal(15)
+        shim.wait_status("/ready", 503)  # draining
+        t0 = time.monotonic()
+        shim.proc.send_signal(2)  # Ctrl-C while draining: stop now
+        assert shim.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        shim.close()
