@@ -9,7 +9,6 @@ drivers are held to the same behaviour.
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import signal
 import threading
@@ -19,6 +18,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import http_servers
 import pytest
 from grpc_servers import (
     ECHO_INITIAL,
@@ -40,11 +40,7 @@ SERVICE = "orders"
 
 
 def set_policy(mesh: Any, doc: dict[str, Any], service: str = SERVICE) -> None:
-    rev = mesh.client.put(mesh.layout.policy_key(service), json.dumps(doc))
-    deadline = time.monotonic() + 5
-    while mesh.snapshot(service).policy_revision < rev:
-        assert time.monotonic() < deadline, "policy did not arrive"
-        time.sleep(0.01)
+    http_servers.set_policy(mesh, service, doc)
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 5.0) -> Any:

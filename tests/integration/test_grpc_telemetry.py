@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_servers import TestServer, pb, pb_grpc
+from http_servers import set_policy
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -408,6 +409,41 @@ def test_call_aborted_in_the_client_is_recorded_alike_by_every_driver(
     method = "StreamingOutputCall" if kind.endswith("stream") else "UnaryCall"
     assert call_count(svc, method, "CANCELLED", "RuntimeError") == 1
     assert sample(f"{CALL_FAMILY}_count", server_address=svc) == 1  # nothing else
+    assert sample(f"{ATTEMPT_FAMILY}_count", server_address=svc) == 0
+    assert mesh.destination(svc).inflight == 0
+
+
+@pytest.mark.parametrize("shape", ["unary", "stream"])
+def test_aio_call_cancelled_during_an_injected_delay_is_recorded(mesh, servers, clients, shape):
+    """A task cancelled while its call waits out a fault-injection delay (before any attempt)
+    ends the call: recorded once as CANCELLED with no attempt, like a cancelled sync future.
+    (The aio stream once left such a call open and unrecorded.)"""
+    svc = new_service()
+    servers(svc, "a")
+    mesh.wait_for(svc)
+    set_policy(mesh, svc, {"fault": {"delay": {"percent": 100, "duration": "30s"}}})
+    c = clients(svc, "aio")
+    method = "StreamingOutputCall" if shape == "stream" else "UnaryCall"
+
+    async def go() -> None:
+        if shape == "unary":
+            task = asyncio.ensure_future(c.stub.UnaryCall(pb.SimpleRequest()))
+        else:
+            async def read_all() -> list[Any]:
+                req = pb.StreamingOutputCallRequest(response_sizes=[1])
+                return [m async for m in c.stub.StreamingOutputCall(req)]
+
+            task = asyncio.ensure_future(read_all())
+        for _ in range(3):  # the task runs until it waits in the delay (loop order, no timer)
+            await asyncio.sleep(0)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    c.run(go())
+    assert call_count(svc, method, "CANCELLED", "CANCELLED") == 1
+    assert sample(f"{CALL_FAMILY}_count", server_address=svc) == 1
     assert sample(f"{ATTEMPT_FAMILY}_count", server_address=svc) == 0
     assert mesh.destination(svc).inflight == 0
 
