@@ -129,29 +129,31 @@ class CallForwarder:
     # --- the call -----------------------------------------------------------------------------
     async def handle(self, method: str, requests: AsyncIterator[bytes], context: Any) -> None:
         """Forward one call (``method`` is ``/package.Service/Method``)."""
-        timeout = caller_timeout(context.time_remaining())
         metadata, traced = forwarded_metadata(context.invocation_metadata())
         unary, first, pending = await self._read_shape(requests)
-        parent = tracing.extract(metadata) if traced else None
-        token = None
-        if parent is not None:
-            metadata = [m for m in metadata if m[0] not in _TRACE_KEYS]
-            token = otel_context.attach(parent)
+        call = None
         try:
-            if unary:
-                mc = self._mc(self._unary, self.channel.unary_stream, method)
-                call = mc(first, timeout=timeout, metadata=metadata)
-            else:
-                mc = self._mc(self._stream, self.channel.stream_stream, method)
-                call = mc(_requests(first, pending, requests), timeout=timeout,
-                          metadata=metadata)
-        finally:
-            if token is not None:
-                otel_context.detach(token)
-        try:
+            timeout = caller_timeout(context.time_remaining())  # what is left after the reads
+            parent = tracing.extract(metadata) if traced else None
+            token = None
+            if parent is not None:
+                metadata = [m for m in metadata if m[0] not in _TRACE_KEYS]
+                token = otel_context.attach(parent)
+            try:
+                if unary:
+                    mc = self._mc(self._unary, self.channel.unary_stream, method)
+                    call = mc(first, timeout=timeout, metadata=metadata)
+                else:
+                    mc = self._mc(self._stream, self.channel.stream_stream, method)
+                    call = mc(_requests(first, pending, requests), timeout=timeout,
+                              metadata=metadata)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
             await _relay(call, context)
-        except BaseException:
-            call.cancel()
+        except BaseException:  # the caller went away, or the call could not start
+            if call is not None:
+                call.cancel()
             if pending is not None and not pending.done():
                 pending.cancel()
             raise
@@ -164,19 +166,28 @@ class CallForwarder:
         loop = asyncio.get_running_loop()
         end = loop.time() + self.unary_window
         read = asyncio.ensure_future(_next(requests))
-        await asyncio.wait((read,), timeout=self.unary_window)
+        await _wait(read, self.unary_window)
         if not read.done():
             return False, None, read
         first = read.result()
         if first is _EOF:
             return False, _EOF, None
         read = asyncio.ensure_future(_next(requests))
-        await asyncio.wait((read,), timeout=max(0.0, end - loop.time()))
+        await _wait(read, max(0.0, end - loop.time()))
         if not read.done():
             return False, first, read
         if read.result() is _EOF:
             return True, first, None
         return False, first, read
+
+
+async def _wait(read: asyncio.Future[Any], timeout: float) -> None:
+    """Wait up to ``timeout`` for ``read``; it is cancelled if the caller goes away."""
+    try:
+        await asyncio.wait((read,), timeout=timeout)
+    except BaseException:
+        read.cancel()
+        raise
 
 
 async def _next(requests: AsyncIterator[bytes]) -> Any:

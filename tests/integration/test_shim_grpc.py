@@ -506,3 +506,28 @@ def test_concurrent_calls_share_the_listener(stub: Any) -> None:
             pb.SimpleRequest(response_size=i)).payload.body, range(40)))
     assert [len(r) for r in results] == list(range(40))
     assert threading.active_count() < 200
+
+
+def test_stop_lets_calls_in_flight_finish_then_refuses(mesh: Any, servers: Any) -> None:
+    """``handle.stop(grace)`` (the shim's drain): a call in flight completes, new calls are
+    refused once the listener is closed."""
+    servers("a")
+    mesh.wait_for(SERVICE)
+    handle = start_upstream(mesh, SimpleNamespace(service=SERVICE, port=0, bind="127.0.0.1"))
+    with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
+        stub = pb_grpc.TestServiceStub(ch)
+        stub.EmptyCall(pb.Empty())
+        with futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(stub.UnaryCall, pb.SimpleRequest(action="sleep", sleep_ms=400),
+                               timeout=10)
+            dest = mesh.destination(SERVICE)
+            deadline = time.monotonic() + 5
+            while not dest.inflight and time.monotonic() < deadline:  # it reached the upstream
+                time.sleep(0.005)
+            assert dest.inflight == 1
+            handle.stop(5.0)
+            assert slow.result().server_id == "a"
+        assert handle.describe()["listening"] is False
+    with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as ch, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.TestServiceStub(ch).EmptyCall(pb.Empty(), timeout=2)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
