@@ -169,6 +169,7 @@ class OutboundProxy:
         self.routes: dict[str, _Route] = {}
         #: Host field value -> service name or the Refusal it gets (checks are pure)
         self._by_host: dict[bytes, str | tuple[int, str, str]] = {}
+        self._by_authority: dict[bytes, str | tuple[int, str, str]] = {}
         self.caller = config.service.encode() if config.service else None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -188,19 +189,7 @@ class OutboundProxy:
             raw = req.host
             if raw is None:
                 raise Refusal(400, "missing Host header field", "no_host")
-            known = self._by_host.get(raw)  # the common case: one dict lookup
-            if known is None:
-                try:
-                    # the port in Host is the one the app connected to (often the shim's
-                    # own): routing is by name, so it is not checked here; see _attempt
-                    known = check_destination(split_authority(raw)[0], None, self.own_ports)
-                except Refusal as refusal:
-                    known = (refusal.status, refusal.reason, refusal.code)
-                if len(self._by_host) < MAX_DESTINATIONS:
-                    self._by_host[raw] = known
-            if isinstance(known, tuple):
-                raise Refusal(*known)  # a new exception each time (no growing traceback)
-            return known, target
+            return self._resolve(raw, self._by_host, False), target
         elif target == b"*":
             raise Refusal(400, "asterisk-form target is not forwarded", "bad_target")
         else:
@@ -218,9 +207,26 @@ class OutboundProxy:
             if b"@" in authority:
                 raise Refusal(400, "userinfo in the request target is not forwarded",
                               "bad_target")
-            host, port = split_authority(authority)
-            target = path
-        return check_destination(host, port, self.own_ports), target
+            return self._resolve(authority, self._by_authority, True), path
+
+    def _resolve(self, authority: bytes, cache: dict[bytes, str | tuple[int, str, str]],
+                 check_port: bool) -> str:
+        """The service an authority names, or raise :class:`Refusal`; the verdicts are pure
+        functions of the bytes, so they are cached (the common case: one dict lookup).
+        The port of a ``Host`` field is not checked (``check_port`` False): it is the port
+        the app connected to, often the shim's own, and routing is by name."""
+        known = cache.get(authority)
+        if known is None:
+            try:
+                host, port = split_authority(authority)
+                known = check_destination(host, port if check_port else None, self.own_ports)
+            except Refusal as refusal:
+                known = (refusal.status, refusal.reason, refusal.code)
+            if len(cache) < MAX_DESTINATIONS:
+                cache[authority] = known
+        if isinstance(known, tuple):
+            raise Refusal(*known)  # a new exception each time (no growing traceback)
+        return known
 
     def _on_snapshot(self, service: str, _snap: Any) -> None:
         """Watch thread: wake requests waiting for a service's first listing."""
