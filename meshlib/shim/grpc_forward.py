@@ -22,7 +22,9 @@ Per call:
    when the window passes first the call is forwarded as a stream at once (correct, only not
    retried). Unary clients send the message and the half-close together (measured here: the
    end-of-stream read returns 25-55 us after the message), so they are never misjudged
-   unless the shim is starved for the whole window.
+   unless the shim is starved for the whole window. A method seen once with no message or
+   with a second one takes a request stream (a unary request has exactly one message), so
+   its later calls are forwarded as streams at once, without the window.
 2. **Metadata.** The caller's metadata is carried, except what gRPC itself owns
    (``grpc-*``, pseudo-headers, ``user-agent``, ``te``, ``content-type``) and the caller
    identity ``x-mesh-caller`` (the shim's mesh sends the app's own). grpcio cannot forward
@@ -47,7 +49,8 @@ Per call:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -116,6 +119,13 @@ class CallForwarder:
         self.unary_window = unary_window
         self._unary: dict[str, Any] = {}
         self._stream: dict[str, Any] = {}
+        #: Methods proven to take a request stream (a call sent 0 or 2+ messages): their calls
+        #: skip the shape reads (and their window).
+        self._streaming: set[str] = set()
+
+    def _remember_streaming(self, method: str) -> None:
+        if len(self._streaming) < _MAX_CACHED_METHODS:
+            self._streaming.add(method)
 
     # --- multicallables (cached per method) ----------------------------------------------------
     def _mc(self, cache: dict[str, Any], factory: Any, method: str) -> Any:
@@ -130,7 +140,10 @@ class CallForwarder:
     async def handle(self, method: str, requests: AsyncIterator[bytes], context: Any) -> None:
         """Forward one call (``method`` is ``/package.Service/Method``)."""
         metadata, traced = forwarded_metadata(context.invocation_metadata())
-        unary, first, pending = await self._read_shape(requests)
+        if method in self._streaming:  # seen with 0 or 2+ request messages: a request stream
+            unary, first, pending = False, None, None
+        else:
+            unary, first, pending = await self._read_shape(requests)
         call = None
         try:
             timeout = caller_timeout(context.time_remaining())  # what is left after the reads
@@ -145,8 +158,9 @@ class CallForwarder:
                     call = mc(first, timeout=timeout, metadata=metadata)
                 else:
                     mc = self._mc(self._stream, self.channel.stream_stream, method)
-                    call = mc(_requests(first, pending, requests), timeout=timeout,
-                              metadata=metadata)
+                    call = mc(_requests(first, pending, requests,
+                                        partial(self._remember_streaming, method)),
+                              timeout=timeout, metadata=metadata)
             finally:
                 if token is not None:
                     otel_context.detach(token)
@@ -198,9 +212,23 @@ async def _next(requests: AsyncIterator[bytes]) -> Any:
 
 
 async def _requests(first: Any, pending: asyncio.Future[Any] | None,
-                    requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+                    requests: AsyncIterator[bytes],
+                    proven: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
     """The caller's request stream for a ``stream_stream`` upstream call: what the shape
-    reads took, then the rest, one message at a time."""
+    reads took, then the rest, one message at a time. ``proven`` is called once the stream
+    has shown 0 or 2+ messages (the method takes a request stream)."""
+    count = 0
+    async for msg in _chain(first, pending, requests):
+        count += 1
+        if count == 2 and proven is not None:
+            proven()
+        yield msg
+    if count == 0 and proven is not None:
+        proven()
+
+
+async def _chain(first: Any, pending: asyncio.Future[Any] | None,
+                 requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     if first is _EOF:
         return
     if first is not None:
