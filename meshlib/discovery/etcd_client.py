@@ -322,7 +322,13 @@ class EtcdClient:
                     endpoint, "is silent" if silent else "ended a stream",
                     self.endpoints[self._stream_pos],
                 )
-            return self.endpoints[self._stream_pos]
+            current = self.endpoints[self._stream_pos]
+        ka = self._keepalive
+        if silent and ka is not None and current != endpoint:
+            # A hung endpoint found by one stream: the keepalive stream leaves it too, now,
+            # rather than after its own unanswered keepalive (TTL/3 + 1 s later).
+            ka.abandon(endpoint)
+        return current
 
     @property
     def closed(self) -> bool:

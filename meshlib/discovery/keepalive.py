@@ -20,8 +20,9 @@ Algorithm:
 * A stream that ends (member down, proxy killed) fails every waiter at once with
   :class:`EtcdUnavailable`; a stream that does not answer within ``timeout`` is declared *silent*
   (a SIGSTOPped member or proxy keeps its TCP connection, so nothing else would notice) and is
-  cancelled. Either way the next keepalive opens a new stream on the *next* endpoint. The caller
-  (``LeaseKeeper``) retries failed keepalives within the TTL with a short backoff.
+  cancelled. Either way the next keepalive opens a new stream on the *next* endpoint. When the
+  watch stream finds an endpoint hung first, :meth:`KeepAliveStream.abandon` leaves it at once.
+  The caller (``LeaseKeeper``) retries failed keepalives within the TTL with a short backoff.
 
 Threads: the caller's thread sends and waits; one reader thread per open stream turns the
 blocking response iterator into waiter wake-ups. The request side is a generator fed from a
@@ -119,6 +120,16 @@ class KeepAliveStream:
         if ttl <= 0:
             raise LeaseNotFound(f"etcd lease_keepalive lease {lease_id:x}: lease not found (TTL 0)")
         return ttl
+
+    def abandon(self, endpoint: str) -> None:
+        """End the open stream if it is on ``endpoint`` (found hung by another stream): its
+        waiters fail at once and the next keepalive opens a stream on the next endpoint."""
+        with self._lock:
+            s = self._stream
+        if s is not None and s.endpoint == endpoint:
+            self._fail(
+                s, EtcdUnavailable(f"etcd lease keepalive stream to {endpoint}: endpoint is hung")
+            )
 
     def close(self) -> None:
         with self._lock:
