@@ -42,11 +42,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import queue
 import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -239,6 +240,23 @@ def grpc_target(hosts: list[tuple[str, int]]) -> str:
     if v6:
         return "ipv6:" + ",".join(v6)
     raise ValueError(f"etcd endpoints {hosts}: no address could be resolved")
+
+
+class RequestQueue(queue.Queue[Any]):
+    """The request side of a bidirectional stream: ``put`` messages, ``end()`` to finish.
+
+    Iterating it (grpc does, from its own thread) yields what was put until ``end()``, so that
+    thread never blocks past the stream's end."""
+
+    def end(self) -> None:
+        self.put(None)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self.get()
+            if item is None:
+                return
+            yield item
 
 
 class EtcdClient:

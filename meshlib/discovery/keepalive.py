@@ -33,16 +33,14 @@ stream's end. No lock is held across I/O.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
 
-from .etcd_client import EtcdError, EtcdUnavailable, LeaseNotFound
+from .etcd_client import EtcdError, EtcdUnavailable, LeaseNotFound, RequestQueue
 
 if TYPE_CHECKING:
     from .etcd_client import EtcdClient
@@ -64,7 +62,7 @@ class _Waiter:
 class _Stream:
     """One open LeaseKeepAlive call, its request queue and the waiters of its leases."""
 
-    def __init__(self, call: Any, requests: queue.Queue[Any], endpoint: str) -> None:
+    def __init__(self, call: Any, requests: RequestQueue, endpoint: str) -> None:
         self.call = call
         self.requests = requests
         self.endpoint = endpoint
@@ -142,16 +140,8 @@ class KeepAliveStream:
     def _open(self) -> _Stream:
         """Open a stream on the client's current stream endpoint (called under the lock)."""
         channel, endpoint = self._client.stream_channel()
-        requests: queue.Queue[Any] = queue.Queue()
-
-        def request_iter() -> Iterator[rpc_pb2.LeaseKeepAliveRequest]:
-            while True:
-                item = requests.get()
-                if item is None:
-                    return
-                yield item
-
-        call = rpc_pb2_grpc.LeaseStub(channel).LeaseKeepAlive(request_iter())
+        requests = RequestQueue()
+        call = rpc_pb2_grpc.LeaseStub(channel).LeaseKeepAlive(iter(requests))
         s = _Stream(call, requests, endpoint)
         self.streams_opened += 1
         threading.Thread(
@@ -197,7 +187,7 @@ class KeepAliveStream:
                 w.done.set()
         if not first:
             return
-        s.requests.put(None)
+        s.requests.end()
         s.call.cancel()
         if not self._closed:
             self._client.stream_failed(s.endpoint, silent=silent)

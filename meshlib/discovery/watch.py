@@ -45,7 +45,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -53,7 +53,7 @@ from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
 
 from meshlib.telemetry import metrics
 
-from .etcd_client import KV, EtcdClient, EtcdError, Event, _b, prefix_range_end
+from .etcd_client import KV, EtcdClient, EtcdError, Event, RequestQueue, _b, prefix_range_end
 from .watch_state import (
     Action,
     Cancel,
@@ -119,7 +119,7 @@ class _StreamEnded(Exception):
 class _Session:
     """The I/O side of one stream: its request queue, endpoint and sans-I/O state."""
 
-    def __init__(self, state: StreamState, requests: queue.Queue[Any], endpoint: str) -> None:
+    def __init__(self, state: StreamState, requests: RequestQueue, endpoint: str) -> None:
         self.state = state
         self.requests = requests
         self.endpoint = endpoint
@@ -297,21 +297,13 @@ class WatchManager:
         self._gen += 1
         gen = self._gen
         self._mark_dirty()  # every watch must be created on the new stream
-        requests: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
-
-        def request_iter() -> Iterator[rpc_pb2.WatchRequest]:
-            while True:
-                item = requests.get()
-                if item is None:
-                    return
-                yield item
-
+        requests = RequestQueue()
         requests.put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
         channel, endpoint = self._client.stream_channel()
         metrics.track_watch_stream(self, endpoint, self._endpoint)
         self._endpoint = endpoint
         call = rpc_pb2_grpc.WatchStub(channel).Watch(
-            request_iter(), metadata=[("hasleader", "true")]
+            iter(requests), metadata=[("hasleader", "true")]
         )
         self._streams_opened += 1
         self._opens(self._open_reason).inc()  # type: ignore[attr-defined]
@@ -329,7 +321,7 @@ class WatchManager:
             if e.reason in ("ended", "silent"):
                 self._client.stream_failed(endpoint, silent=e.reason == "silent")
         finally:
-            requests.put(None)
+            requests.end()
             call.cancel()
             reader.join(2.0)
             for w in self._snapshot():

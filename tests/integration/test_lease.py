@@ -147,6 +147,45 @@ def test_close_stops_the_thread(etcd) -> None:
     ]
 
 
+class DirectWatch:
+    """Every event under ``prefix`` as a watch opened directly on the cluster's members sees
+    it (not through the proxies under test): what callers would see of a registration."""
+
+    def __init__(self, cluster, prefix: str) -> None:
+        from meshlib.discovery.watch import WatchManager
+
+        self.events: list[tuple[str, str]] = []
+        self._synced = threading.Event()
+        self._client = EtcdClient(cluster.endpoints, timeout=3)
+        self._watcher = WatchManager(self._client, progress_interval=0.5)
+        self._watcher.watch_prefix(
+            prefix,
+            lambda kvs, rev: self._synced.set(),
+            lambda evs, rev: self.events.extend((e.type, e.kv.key) for e in evs),
+        )
+        assert self._synced.wait(5)
+
+    def deletes(self) -> list[tuple[str, str]]:
+        return [e for e in self.events if e[0] == "delete"]
+
+    def settled_deletes(self, sentinel_key: str) -> list[tuple[str, str]]:
+        """The deletes seen once a sentinel written now has arrived: one watch delivers in
+        revision order, so every delete etcd made before it has arrived too."""
+        self._client.put(sentinel_key, b"s")
+        assert _wait(lambda: ("put", sentinel_key) in self.events, 5), self.events
+        return self.deletes()
+
+    def close(self) -> None:
+        self._watcher.close()
+        self._client.close()
+
+    def __enter__(self) -> DirectWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def test_registrations_through_grpc_proxies_hold_for_3_ttls(etcd_cluster) -> None:
     """Issue 10: through two ``etcd grpc-proxy`` processes in front of a 3-member cluster, two
     registrations with a 3 s TTL hold for 3.5 x TTL: a watch opened directly on the cluster sees
@@ -154,24 +193,14 @@ def test_registrations_through_grpc_proxies_hold_for_3_ttls(etcd_cluster) -> Non
     ONE keepalive stream (etcd's clients do the same; a stream per keepalive failed behind the
     proxy with ``context canceled`` and lost the lease every ~11 s)."""
     from meshlib import Mesh
-    from meshlib.discovery.watch import WatchManager
     from meshlib.testing import EtcdGrpcProxy
 
     prefix = "/lease-proxy/v1"
-    events: list[tuple[str, str]] = []
-    synced = threading.Event()
     with (
         EtcdGrpcProxy(etcd_cluster) as p1,
         EtcdGrpcProxy(etcd_cluster) as p2,
-        EtcdClient(etcd_cluster.endpoints, timeout=3) as direct,
-        WatchManager(direct, progress_interval=0.5) as watcher,
+        DirectWatch(etcd_cluster, f"{prefix}/services/") as seen,
     ):
-        watcher.watch_prefix(
-            f"{prefix}/services/",
-            lambda kvs, rev: synced.set(),
-            lambda evs, rev: events.extend((e.type, e.kv.key) for e in evs),
-        )
-        assert synced.wait(5)
         proxies = [p1.endpoint, p2.endpoint]
         with Mesh(proxies, prefix=prefix, handle_sigterm=False) as a, \
                 Mesh(list(reversed(proxies)), prefix=prefix, handle_sigterm=False) as b:
@@ -179,16 +208,12 @@ def test_registrations_through_grpc_proxies_hold_for_3_ttls(etcd_cluster) -> Non
             assert all(r.wait_registered(5) for r in regs)
             keepers = [r._keeper for r in regs]
             leases = [k.lease_id for k in keepers]
-            assert _wait(lambda: len([e for e in events if e[0] == "put"]) == 2, 5), events
+            assert _wait(lambda: len(seen.events) == 2, 5), seen.events
             deadline = time.monotonic() + 10.5  # 3.5 x TTL
             while time.monotonic() < deadline:
-                assert not [e for e in events if e[0] == "delete"], events
+                assert not seen.deletes(), seen.events
                 time.sleep(0.1)
-            # A sentinel written now arrives after any delete etcd made before it (one watch
-            # delivers in revision order): only then is "no delete" a finding.
-            direct.put(f"{prefix}/services/sentinel/x", b"s")
-            assert _wait(lambda: ("put", f"{prefix}/services/sentinel/x") in events, 5), events
-            assert [e for e in events if e[0] == "delete"] == []
+            assert seen.settled_deletes(f"{prefix}/services/sentinel/x") == []
             assert [k.lease_id for k in keepers] == leases
             assert [(k.grants, k.losses) for k in keepers] == [(1, 0), (1, 0)]
             assert [r.registrations for r in regs] == [1, 1]
@@ -197,36 +222,26 @@ def test_registrations_through_grpc_proxies_hold_for_3_ttls(etcd_cluster) -> Non
                 assert ka is not None and ka.streams_opened == 1
                 assert m.client.stream_endpoint in proxies
         # closing revokes through the proxies: now both keys are deleted
-        assert _wait(lambda: len([e for e in events if e[0] == "delete"]) == 2, 5), events
+        assert _wait(lambda: len(seen.deletes()) == 2, 5), seen.events
 
 
 def test_registration_holds_while_the_proxy_carrying_its_keepalives_hangs(etcd_cluster) -> None:
     """Issue 10.2 for leases: two grpc-proxies; the one carrying the keepalive stream is
-    SIGSTOPped (TCP stays up) for 1.5 x TTL. The unanswered keepalive marks the stream silent
-    after TTL/3 + 1 s, the next one goes on a new stream through the other proxy, and the record
-    is never deleted: a watch opened directly on the cluster sees no delete."""
+    SIGSTOPped (TCP stays up) for 1.5 x TTL. The keepalive stream leaves it (when the watch
+    stream finds it hung, or after an unanswered keepalive, TTL/3 + 1 s) for the other proxy, and
+    the record is never deleted: a watch opened directly on the cluster sees no delete."""
     import os
     import signal
 
     from meshlib import Mesh
-    from meshlib.discovery.watch import WatchManager
     from meshlib.testing import EtcdGrpcProxy
 
     prefix = "/lease-hang/v1"
-    events: list[tuple[str, str]] = []
-    synced = threading.Event()
     with (
         EtcdGrpcProxy(etcd_cluster) as p1,
         EtcdGrpcProxy(etcd_cluster) as p2,
-        EtcdClient(etcd_cluster.endpoints, timeout=3) as direct,
-        WatchManager(direct, progress_interval=0.5) as watcher,
+        DirectWatch(etcd_cluster, f"{prefix}/services/") as seen,
     ):
-        watcher.watch_prefix(
-            f"{prefix}/services/",
-            lambda kvs, rev: synced.set(),
-            lambda evs, rev: events.extend((e.type, e.kv.key) for e in evs),
-        )
-        assert synced.wait(5)
         proxies = {p1.endpoint: p1, p2.endpoint: p2}
         with Mesh(list(proxies), prefix=prefix, handle_sigterm=False) as mesh:
             reg = mesh.register("hung", 9301, ttl=6)
@@ -242,11 +257,11 @@ def test_registration_holds_while_the_proxy_carrying_its_keepalives_hangs(etcd_c
             try:
                 deadline = time.monotonic() + 9.0  # 1.5 x TTL
                 while time.monotonic() < deadline:
-                    assert not [e for e in events if e[0] == "delete"], events
+                    assert not seen.deletes(), seen.events
                     time.sleep(0.1)
                 assert ka.streams_opened >= 2
                 assert ka._stream is None or ka._stream.endpoint != hung.endpoint
             finally:
                 os.kill(hung.pid, signal.SIGCONT)
-            assert [e for e in events if e[0] == "delete"] == []
+            assert seen.settled_deletes(f"{prefix}/services/sentinel/x") == []
             assert keeper.lease_id == lease and keeper.losses == 0 and reg.registrations == 1
