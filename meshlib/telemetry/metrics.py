@@ -64,6 +64,10 @@ LEASES_LOST: Counter = make_family(semconv.LEASES_LOST)
 LEASE_GRANTS: Counter = make_family(semconv.LEASE_GRANTS)
 SNAPSHOT_FILE_WRITES: Counter = make_family(semconv.SNAPSHOT_FILE_WRITES)
 SNAPSHOT_FILE_WRITE_DURATION: Any = make_family(semconv.SNAPSHOT_FILE_WRITE_DURATION)
+IDENTITY_CERT_EXPIRY: Gauge = make_family(semconv.IDENTITY_CERT_EXPIRY)
+IDENTITY_RENEWALS: Counter = make_family(semconv.IDENTITY_RENEWALS)
+SIGNER_REQUESTS: Counter = make_family(semconv.SIGNER_REQUESTS)
+SIGNER_ACTIVE: Gauge = make_family(semconv.SIGNER_ACTIVE)
 
 # Counters whose label values form a closed set are exported at 0 from the start, so a rate()
 # or an alert on them has a series before the first event (Prometheus naming/instrumentation
@@ -93,6 +97,10 @@ _DISCOVERY_GLOBALS: dict[str, MetricWrapperBase] = {
     semconv.POLICY_REJECTIONS.name: POLICY_REJECTIONS,
     semconv.RECORD_REJECTIONS.name: RECORD_REJECTIONS,
     semconv.DISCOVERY_UPDATES.name: DISCOVERY_UPDATES,
+    semconv.IDENTITY_CERT_EXPIRY.name: IDENTITY_CERT_EXPIRY,
+    semconv.IDENTITY_RENEWALS.name: IDENTITY_RENEWALS,
+    semconv.SIGNER_REQUESTS.name: SIGNER_REQUESTS,
+    semconv.SIGNER_ACTIVE.name: SIGNER_ACTIVE,
 }
 
 # Staleness is computed at scrape time from the live discovery loops of this process.

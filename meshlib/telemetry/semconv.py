@@ -307,10 +307,34 @@ SNAPSHOT_FILE_WRITE_DURATION = Family(
     (), DURATION_BUCKETS, "seconds",
 )
 
+IDENTITY_CERT_EXPIRY = Family(
+    "meshlib_identity_cert_expiry_seconds", "gauge",
+    "Seconds until this process's mesh certificate expires (negative once expired).",
+    (SERVICE,), None, "seconds",
+)
+IDENTITY_RENEWALS = Family(
+    "meshlib_identity_renewals", "counter",
+    "Certificate requests made by this process, by result (issued, refused, unavailable).",
+    (SERVICE, "result"),
+)
+SIGNER_REQUESTS = Family(
+    "meshlib_signer_requests", "counter",
+    "Certificate requests handled by the active signer, by result (issued or the refusal code).",
+    (SERVICE, "result"),
+)
+SIGNER_ACTIVE = Family(
+    "meshlib_signer_active", "gauge",
+    "1 while this signer process holds the signer election (is the one signing), else 0.",
+)
+IDENTITY_FAMILIES: Final[tuple[Family, ...]] = (
+    IDENTITY_CERT_EXPIRY, IDENTITY_RENEWALS, SIGNER_REQUESTS, SIGNER_ACTIVE,
+)
+
 DISCOVERY_FAMILIES: Final[tuple[Family, ...]] = (
     ETCD_CONNECTED, ETCD_STALENESS, ENDPOINTS, POLICY_REVISION, POLICY_REJECTIONS,
     RECORD_REJECTIONS, DISCOVERY_UPDATES, WATCH_STREAMS_OPENED, WATCH_RELISTS, WATCH_SILENCE,
     LEASES_LOST, LEASE_GRANTS, SNAPSHOT_FILE_WRITES, SNAPSHOT_FILE_WRITE_DURATION,
+    *IDENTITY_FAMILIES,
 )
 CALL_FAMILIES: Final[tuple[Family, ...]] = (
     HTTP_CLIENT_DURATION, HTTP_SERVER_DURATION, RPC_CLIENT_DURATION, RPC_SERVER_DURATION,
