@@ -80,6 +80,8 @@ _BACKOFF_MAX = 1.0
 #: progress_interval + max(progress_interval, ANSWER_LIMIT_MIN): 2 s by default.
 ANSWER_LIMIT_MIN = 1.0
 _BATCH = 256  # inbox items handled per turn of the manager loop
+#: A wait that ends this much later than asked means the process itself was not running.
+_STARVED = 0.25
 _DOWN_LOG_EVERY = 30.0
 
 
@@ -387,12 +389,18 @@ class WatchManager:
                 wait = min(wait, owed + limit - now + 0.001)
             if st.todo and not st.healthy:
                 wait = min(wait, read_at - now + 0.001)
+            timeout = max(0.01, wait)
             try:
                 if st.todo and (st.healthy or now >= read_at or not st.todo[0].need_reset):
                     item = self._inbox.get_nowait()
                 else:
-                    item = self._inbox.get(timeout=max(0.01, wait))
+                    item = self._inbox.get(timeout=timeout)
             except queue.Empty:
+                late = time.monotonic() - (now + timeout)
+                if late > _STARVED:
+                    # This process did not run for `late` seconds (CPU starvation, a GC or
+                    # swap pause); the reader thread could not record answers meanwhile either.
+                    st.excuse(late)
                 continue
             # Take what has arrived (bounded) before the next read, so a 'created' queued behind
             # wake-ups or events does not hold up the next create.

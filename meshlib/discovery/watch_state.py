@@ -184,6 +184,12 @@ class StreamState:
         if self.asked_at is None or (last_heard is not None and last_heard >= self.asked_at):
             self.asked_at = now
 
+    def excuse(self, seconds: float) -> None:
+        """The driver's process did not run for ``seconds``: that time does not count against
+        the server (its answers could not have been recorded)."""
+        if self.asked_at is not None:
+            self.asked_at += seconds
+
     def owed_since(self, last_heard: float | None) -> float | None:
         """Since when an answer is owed on this stream (the oldest question asked after the last
         message, by arrival time), or None when every question has been answered."""

@@ -226,3 +226,12 @@ def test_owed_since(asks: list[float], heard: float | None, owed: float | None) 
         # a message arriving between questions is seen by the later question
         st.asked(t, heard if heard is not None and heard < t else None)
     assert st.owed_since(heard) == owed
+
+
+def test_time_the_driver_did_not_run_is_not_counted_as_silence() -> None:
+    st = StreamState(gen=1, opened=0.0)
+    st.asked(1.0, None)
+    st.excuse(0.8)  # the process was starved for 0.8 s after asking
+    assert st.owed_since(None) == 1.8
+    assert st.owed_since(1.9) is None  # an answer recorded after that still counts
+    StreamState(gen=1, opened=0.0).excuse(5.0)  # nothing asked: nothing to excuse
