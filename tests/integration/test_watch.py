@@ -460,4 +460,3 @@ def test_unreachable_etcd_is_reported_with_endpoints_time_and_errors(caplog) -> 
     assert time.strftime("%H:%M", time.localtime(wm.down_since)) in first
     assert all(ep in first for ep in dead), first
     assert "UNAVAILABLE" in first and "for 0s" not in first
-
