@@ -31,22 +31,35 @@ class ShimProcess:
     def __init__(self, etcd: str, prefix: str, *args: str, wait: str = "/live",
                  env: dict[str, str] | None = None, drain: float = 0.5,
                  port: int | None = None, admin_port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.admin_port = admin_port or free_port()
-        fd, self.log_path = tempfile.mkstemp(prefix="shim-", suffix=".log")
-        self.log_file = os.fdopen(fd, "wb")
-        argv = [sys.executable, "-m", "meshlib.shim", "--etcd", etcd, "--prefix", prefix,
-                "--port", str(self.port), "--admin-port", str(self.admin_port),
-                "--drain-seconds", str(drain), *args]
         full_env = dict(os.environ)
         full_env.pop("HTTP_PROXY", None)
         full_env.pop("http_proxy", None)
         if env:
             full_env.update(env)
-        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     env=full_env)
-        if wait:
-            self.wait_status(wait, 200, timeout=20)
+        for attempt in range(3):
+            # free_port() only finds a port that was free a moment ago: another process on
+            # this shared machine may take it first; then start again on new ports
+            self.port = port or free_port()
+            self.admin_port = admin_port or free_port()
+            fd, self.log_path = tempfile.mkstemp(prefix="shim-", suffix=".log")
+            self.log_file = os.fdopen(fd, "wb")
+            argv = [sys.executable, "-m", "meshlib.shim", "--etcd", etcd, "--prefix", prefix,
+                    "--port", str(self.port), "--admin-port", str(self.admin_port),
+                    "--drain-seconds", str(drain), *args]
+            self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                         env=full_env)
+            if not wait:
+                return
+            try:
+                self.wait_status(wait, 200, timeout=20)
+                return
+            except AssertionError:
+                mine = [f"--port {self.port}:"] if not port else []
+                mine += [f"--admin-port {self.admin_port}:"] if not admin_port else []
+                taken = self.proc.poll() == 2 and any(m in self.log() for m in mine)
+                self.close()
+                if not taken or attempt == 2:
+                    raise
 
     # ------------------------------------------------------------------ admin
     def admin(self, path: str, method: str = "GET") -> tuple[int, bytes]:
