@@ -2,7 +2,7 @@
 
 It owns the etcd connection, the watch thread, the snapshot store and the registrations,
 and hands out what the application uses: snapshots, httpx clients and gRPC channels whose
-calls read the store without locks. The drivers behind those clients use only the six
+calls read the store without locks. The drivers behind those clients use only the seven
 members declared by :class:`meshlib.ports.MeshPort`; ``Mesh`` is the one implementation.
 
 Threads: one watch thread (all watched prefixes multiplexed on one etcd Watch stream) and
@@ -45,6 +45,7 @@ from meshlib.core.endpoints import Endpoint, ServiceSnapshot
 from meshlib.core.endpoints import Protocol as EndpointProtocol
 from meshlib.discovery.etcd_client import EtcdClient
 from meshlib.discovery.keys import DEFAULT_PREFIX, KeyLayout, check_service_name
+from meshlib.discovery.mesh_names import ENV_DOMAINS, MeshNames, parse_domains
 from meshlib.discovery.registration import Registration
 from meshlib.discovery.store import SnapshotStore
 from meshlib.discovery.watch import WatchManager
@@ -136,6 +137,7 @@ class Mesh:
         progress_interval: float = 1.0,
         handle_sigterm: bool = False,
         breaker_listeners: Sequence[pybreaker.CircuitBreakerListener] = (),
+        domains: Sequence[str] | str | None = None,
     ) -> None:
         """Connect to etcd (lazily: nothing here waits for it) and start the watch thread.
 
@@ -174,11 +176,18 @@ class Mesh:
             breaker_listeners: ``pybreaker.CircuitBreakerListener`` objects told of every
                 breaker transition of every endpoint this mesh calls (``state_change``);
                 ``breakers(service)`` returns the mirrored breakers.
+            domains: mesh domains: with ``["mesh"]``, ``http://orders.mesh/`` is the service
+                ``orders`` (single labels such as ``http://orders/`` always are); see
+                ``meshlib.discovery.mesh_names`` and docs/http.md "Mesh names". Default
+                ``MESHLIB_MESH_DOMAINS`` (comma-separated), else the etcd key
+                ``{prefix}/defaults/domains`` (watched: an operator sets it once for every
+                process), else none. An argument or the variable wins over the key.
         """
         self.etcd_endpoints = resolve_endpoints(etcd)
         self.layout = KeyLayout(prefix or os.environ.get(ENV_PREFIX, DEFAULT_PREFIX))
         self.zone = zone
         self.service = service
+        self._names = _initial_names(domains)
         self.client = EtcdClient(self.etcd_endpoints, timeout=etcd_timeout)
         self.store = SnapshotStore(
             self.layout, snapshot_path=snapshot_path, snapshot_interval=snapshot_interval
@@ -199,6 +208,11 @@ class Mesh:
         self._default_watch = self._watcher.watch_prefix(
             self.layout.default_policy_key, self._on_default_reset, self._on_default_events
         )
+        self._domains_watch = None
+        if self._names.source == "default":  # neither argument nor variable: the etcd key
+            self._domains_watch = self._watcher.watch_prefix(
+                self.layout.domains_key, self._on_domains_reset, self._on_domains_events
+            )
         _live_meshes.add(self)
         if handle_sigterm:
             _install_sigterm_handler()
@@ -240,6 +254,36 @@ class Mesh:
                 self.store.reset_default_policy(None, revision)
             else:
                 self.store.reset_default_policy(kv.value, kv.mod_revision)
+
+    @property
+    def names(self) -> MeshNames:
+        """Which hosts are mesh services: ``mesh.names.service_of("orders.mesh")`` and the
+        current ``mesh.names.domains`` (``domains`` argument; etcd key ``defaults/domains``)."""
+        return self._names
+
+    def _on_domains_reset(self, kvs: list[Any], revision: int) -> None:
+        match = [kv for kv in kvs if kv.key == self.layout.domains_key]
+        self._apply_domains(match[0].value if match else None)
+
+    def _on_domains_events(self, events: list[Any], revision: int) -> None:
+        for etype, kv in events:
+            if kv.key == self.layout.domains_key:
+                self._apply_domains(None if etype == "delete" else kv.value)
+
+    def _apply_domains(self, value: bytes | str | None) -> None:
+        """A new value of the domains key (None: deleted). An invalid value is refused with a
+        warning naming the key, and the last valid domains stay (like a refused policy)."""
+        key = self.layout.domains_key
+        if value is None:
+            self._names.set((), "default")
+            return
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        try:
+            domains = parse_domains(text, key)
+        except ValueError as exc:
+            log.warning("%s; keeping mesh domains %s", exc, list(self._names.domains))
+            return
+        self._names.set(domains, key)
 
     # --- discovery ---------------------------------------------------------------------------
     def watch(self, service: str) -> None:
@@ -377,21 +421,36 @@ class Mesh:
             return HttpClientRecorder.for_service(service)
         raise ValueError(f"call_observer kind must be 'http' or 'grpc', not {kind!r}")
 
-    def http_client(self, *, passthrough: bool = True, **kwargs: Any) -> httpx.Client:
-        """An ``httpx.Client`` whose transport is the mesh: ``client.get("http://orders/x")``."""
+    def http_client(self, *, passthrough: bool = True,
+                    no_propagate: Sequence[str] | str | None = None,
+                    **kwargs: Any) -> httpx.Client:
+        """An ``httpx.Client`` whose transport is the mesh: ``client.get("http://orders/x")``.
+
+        ``kwargs`` go to ``httpx.Client``; the transport settings among them (``verify``,
+        ``cert``, ``limits``, ``http1``, ``http2``, ``proxy``) also build the transport of
+        calls to hosts outside the mesh (``passthrough``), and ``proxy`` applies to those
+        only. ``no_propagate``: host patterns that get no trace context
+        (``meshlib.config.propagation``; default ``MESHLIB_NO_PROPAGATE``)."""
         from meshlib.http import MeshTransport
 
         kwargs.setdefault("trust_env", False)  # a proxy from the environment would bypass us
-        return httpx.Client(transport=MeshTransport(self, passthrough=passthrough), **kwargs)
+        options = _passthrough_options(kwargs)
+        return httpx.Client(transport=MeshTransport(
+            self, passthrough=passthrough, passthrough_options=options,
+            no_propagate=no_propagate), **kwargs)
 
-    def async_http_client(self, *, passthrough: bool = True, **kwargs: Any) -> httpx.AsyncClient:
-        """An ``httpx.AsyncClient`` whose transport is the mesh."""
+    def async_http_client(self, *, passthrough: bool = True,
+                          no_propagate: Sequence[str] | str | None = None,
+                          **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` whose transport is the mesh (arguments as for
+        ``http_client``)."""
         from meshlib.http import AsyncMeshTransport
 
         kwargs.setdefault("trust_env", False)
-        return httpx.AsyncClient(
-            transport=AsyncMeshTransport(self, passthrough=passthrough), **kwargs
-        )
+        options = _passthrough_options(kwargs)
+        return httpx.AsyncClient(transport=AsyncMeshTransport(
+            self, passthrough=passthrough, passthrough_options=options,
+            no_propagate=no_propagate), **kwargs)
 
     def grpc_channel(self, service: str, **options: Any) -> MeshChannel:
         """A ``grpc.Channel`` to ``service`` through the mesh: ``OrdersStub(mesh.grpc_channel("orders"))``.
@@ -514,6 +573,31 @@ class Mesh:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+#: ``httpx.Client`` arguments that configure its transport (httpx builds none when a
+#: transport is given, so the mesh builds the passthrough transport with them).
+_TRANSPORT_OPTIONS = ("verify", "cert", "limits", "http1", "http2", "trust_env")
+
+
+def _passthrough_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The transport settings among ``httpx.Client`` ``kwargs``. ``proxy`` is taken out of
+    ``kwargs``: httpx would mount it for every URL, sending mesh calls past the mesh."""
+    options = {k: kwargs[k] for k in _TRANSPORT_OPTIONS if k in kwargs}
+    if kwargs.get("proxy") is not None:
+        options["proxy"] = kwargs.pop("proxy")
+    return options
+
+
+def _initial_names(domains: Sequence[str] | str | None) -> MeshNames:
+    """Mesh domains from the argument, else the environment; else none until the etcd key
+    answers (source ``default``)."""
+    if domains is not None:
+        return MeshNames(parse_domains(domains, "Mesh(domains=...)"), "argument")
+    env = os.environ.get(ENV_DOMAINS)
+    if env is not None and env.strip():
+        return MeshNames(parse_domains(env, ENV_DOMAINS), ENV_DOMAINS)
+    return MeshNames()
 
 
 def _deprecated(old: str, new: str) -> None:

@@ -1,7 +1,7 @@
 """The port between the drivers and the process's mesh: what a driver needs of ``Mesh``.
 
 Drivers (the httpx transports, the gRPC channels and their channel pool and health monitor,
-the server middleware and interceptors, the shim) use six members of
+the server middleware and interceptors, the shim) use seven members of
 :class:`meshlib.mesh.Mesh` and nothing else. :class:`MeshPort` declares them, so that
 
 * the drivers are typed against this structural type rather than against the whole facade
@@ -27,6 +27,7 @@ member                 used by
 ``add_listener(f)``    gRPC channel pool and active health monitor: endpoint-set changes
 ``watch(s)``           server middleware: start the watch of its own service early
 ``snapshot(s)``        server middleware: the access policy of its own service
+``names``              HTTP transports, shim: which hosts are mesh services (domains)
 =====================  ===========================================================
 """
 
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, overload, runtime_checkable
 if TYPE_CHECKING:
     from meshlib.core.destination import DestinationState
     from meshlib.core.endpoints import ServiceSnapshot
+    from meshlib.discovery.mesh_names import MeshNames
     from meshlib.telemetry.recorders import HttpClientRecorder, RpcClientRecorder
 
 __all__ = ["CallKind", "MeshPort", "SnapshotListener"]
@@ -60,6 +62,11 @@ class MeshPort(Protocol):
     @property
     def service(self) -> str | None:
         """This process's own service name (the caller identity), or None when unknown."""
+        ...
+
+    @property
+    def names(self) -> MeshNames:
+        """The mesh's naming rule and current mesh domains (``names.service_of(host)``)."""
         ...
 
     def destination(self, service: str) -> DestinationState:

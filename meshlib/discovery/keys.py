@@ -79,6 +79,12 @@ class KeyLayout:
     def default_policy_key(self) -> str:
         return f"{self.prefix}/defaults/policy"
 
+    @property
+    def domains_key(self) -> str:
+        """The mesh domains (``meshlib.discovery.mesh_names``): a JSON list or
+        comma-separated text."""
+        return f"{self.prefix}/defaults/domains"
+
     def parse(self, key: str) -> tuple[str, str, str | None] | None:
         """Classify a key: ``("instance", service, id)``, ``("policy", service, None)``,
         ``("default-policy", "", None)``, or ``None`` for keys outside the layout."""

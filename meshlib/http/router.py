@@ -1,9 +1,14 @@
 """Which requests go through the mesh, and how a call starts (shared by both transports).
 
-A host is a mesh service when it is a single DNS label (``orders``; no dots, not
-``localhost``, not an IP literal). Other hosts pass through to a plain httpx transport, or are
-refused with :class:`NotAMeshServiceError` when ``passthrough=False``. A mesh service must be
-addressed with ``http://`` (:class:`UnsupportedSchemeError` otherwise).
+A host is a mesh service when the mesh's naming rule says so
+(:func:`meshlib.discovery.mesh_names.mesh_service`: a single DNS label such as ``orders``,
+or ``orders.<domain>`` for a configured mesh domain; the shim calls the same rule). The
+decision is cached per raw host and the cache is dropped when the mesh's domains change
+(``MeshNames.generation``). A port in a mesh URL is ignored (the instance's registered port
+is used) and ``Host`` is sent as the URL wrote it. Other hosts pass through
+(``meshlib.http.outbound``), or are refused with :class:`NotAMeshServiceError` when
+``passthrough=False``. A mesh service must be addressed with ``http://``
+(:class:`UnsupportedSchemeError` otherwise).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import httpx
 
 from meshlib.core.call import CallGen, run_call
 from meshlib.core.destination import DestinationState
-from meshlib.discovery.keys import is_service_name
+from meshlib.discovery.mesh_names import mesh_service
 from meshlib.http.attempt import CALLER_HEADER, replayable, request_deadline
 from meshlib.http.errors import NotAMeshServiceError, UnsupportedSchemeError
 
@@ -24,9 +29,9 @@ if TYPE_CHECKING:
 _NOT_MESH = object()
 
 
-def is_mesh_host(host: str) -> bool:
-    """A single DNS label that is a valid service name (see ``keys.check_service_name``)."""
-    return host != "localhost" and is_service_name(host)
+def is_mesh_host(host: str, domains: tuple[str, ...] = ()) -> bool:
+    """Whether ``host`` names a mesh service under ``domains`` (:func:`mesh_service`)."""
+    return mesh_service(host, domains) is not None
 
 
 class Route:
@@ -47,6 +52,8 @@ class Router:
         self.mesh = mesh
         self.passthrough = passthrough
         self._by_host: dict[bytes, Any] = {}
+        self._names = mesh.names
+        self._generation = self._names.generation
         caller = mesh.service
         self.extra_headers: list[tuple[bytes, bytes]] = (
             [(CALLER_HEADER, caller.encode())] if caller else []
@@ -55,30 +62,37 @@ class Router:
     def route(self, request: httpx.Request) -> Route | None:
         """The request's mesh route, or None to pass it through to plain httpx."""
         raw = request.url.raw_host
+        if self._names.generation != self._generation:  # the mesh domains changed
+            self._by_host = {}
+            self._generation = self._names.generation
         dest = self._by_host.get(raw)
         if dest is None:
-            host = raw.decode("ascii", "replace").lower()
-            if is_mesh_host(host):
-                dest = Route(self.mesh.destination(host), self.mesh.call_observer("http", host))
+            service = self._names.service_of(raw.decode("ascii", "replace"))
+            if service is not None:
+                dest = Route(self.mesh.destination(service),
+                             self.mesh.call_observer("http", service))
             else:
                 dest = _NOT_MESH
             self._by_host[raw] = dest
         if dest is _NOT_MESH:
             if not self.passthrough:
+                domains = ", ".join(self._names.domains) or "none configured"
                 raise NotAMeshServiceError(
-                    f"host {request.url.host!r} is not a mesh service (use a single-label "
-                    "service name such as http://orders/...)",
+                    f"host {request.url.host!r} is not a mesh service (use a service name "
+                    "such as http://orders/... or orders.<mesh domain>; mesh domains: "
+                    f"{domains}, see docs/http.md 'Mesh names')",
                     service=request.url.host, request=request,
                 )
             return None
         if request.url.raw_scheme != b"http":
             # mesh endpoints are reached over plain HTTP/1.1: never send an https:// request
             # in clear text while the caller believes it is encrypted
+            service = cast(Route, dest).service
             raise UnsupportedSchemeError(
                 f"{request.url.scheme}://{request.url.host}/: mesh service "
-                f"{request.url.host!r} is reached over plain HTTP only (use "
+                f"{service!r} is reached over plain HTTP only (use "
                 f"http://{request.url.host}/...; TLS to mesh endpoints is not supported)",
-                service=request.url.host, request=request,
+                service=service, request=request,
             )
         return cast(Route, dest)
 

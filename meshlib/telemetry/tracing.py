@@ -26,6 +26,21 @@ global provider can be set only once). Without an SDK nothing is propagated unle
 ``configure(propagate_without_sdk=True)``: then inbound context is extracted and forwarded
 unchanged, as a non-participating intermediary should (W3C trace-context section 3).
 Measured numbers are in docs/tracing.md.
+
+W3C trace context details (https://www.w3.org/TR/trace-context/ section 3):
+
+* Several fields of one name are combined into one value joined by ``", "`` (RFC 9110
+  5.3) before parsing, so two ``traceparent`` fields make one invalid value and a new trace
+  starts (OpenTelemetry's getter contract would otherwise take the first); several
+  ``tracestate`` fields combine into one list, as the spec allows.
+* Without an SDK and with ``propagate_without_sdk``, meshlib does not change the parent, so
+  it forwards the received ``traceparent`` and ``tracestate`` values byte for byte (spec
+  3.3: "tracestate MUST NOT be modified" then), a future version (``cc-...-01-extra``)
+  included; OpenTelemetry's propagator would rewrite the version to ``00`` and re-normalise
+  or drop ``tracestate``. Validity (versions, ``ff``, lengths, zero ids, case) is decided by
+  OpenTelemetry's parser, which follows the spec's versioning rules; only a context it
+  accepts is forwarded, and baggage goes through the global propagator.
+* Non-mesh calls get one CLIENT span (:func:`start_outbound_span`).
 """
 
 from __future__ import annotations
@@ -53,6 +68,7 @@ __all__ = [
     "extract",
     "inject_headers",
     "start_http_call",
+    "start_outbound_span",
     "start_rpc_call",
     "start_server_span",
 ]
@@ -81,6 +97,12 @@ class _State:
 
 
 _state = _State()
+
+#: The received traceparent/tracestate values, kept in the context by :func:`extract` in
+#: pass-through mode (no SDK) so that the outbound side forwards them unchanged.
+_RAW_W3C: Final = otel_context.create_key("meshlib.w3c-received")
+_TRACEPARENT: Final = "traceparent"
+_TRACESTATE: Final = "tracestate"
 
 
 def configure(tracer_provider: trace.TracerProvider | None = None,
@@ -156,6 +178,8 @@ class _HeaderListGetter(Getter[Any]):
         for name, value in carrier:
             if name in (key, bkey) or name.lower() in (key, bkey):
                 out.append(value.decode("latin-1") if isinstance(value, bytes) else value)
+        if len(out) > 1:  # RFC 9110 5.3: one field value, members joined by ", "
+            return [", ".join(out)]
         return out or None
 
     def keys(self, carrier: Any) -> list[str]:
@@ -185,7 +209,43 @@ def extract(headers: Iterable[Any] | Mapping[Any, Any]) -> Context | None:
         return None
     if not isinstance(headers, Mapping) and not isinstance(headers, list | tuple):
         headers = list(headers)
-    return propagate.extract(headers, getter=_GETTER)
+    ctx = propagate.extract(headers, getter=_GETTER)
+    if _state.tracer is None and trace.get_current_span(ctx).get_span_context().is_valid:
+        # pass-through: keep the received values to forward byte for byte
+        parent = _GETTER.get(headers, _TRACEPARENT)
+        if parent:
+            tstate = _GETTER.get(headers, _TRACESTATE)
+            ctx = otel_context.set_value(
+                _RAW_W3C, (parent[0].strip(" \t"), tstate[0] if tstate else None), ctx)
+    return ctx
+
+
+def _forward_received(headers: MutableSequence[Any], binary: bool | None) -> None:
+    """Pass-through inject: the global propagator (baggage, other formats), then the
+    received traceparent/tracestate values unchanged (or none)."""
+    propagate.inject(headers, setter=_SETTERS[binary])
+    raw = otel_context.get_value(_RAW_W3C)
+    if raw is None:
+        return
+    parent: str = raw[0]  # type: ignore[index]
+    tstate: str | None = raw[1]  # type: ignore[index]
+    setter = _SETTERS[binary]
+    setter.set(headers, _TRACEPARENT, parent)
+    if tstate is not None:
+        setter.set(headers, _TRACESTATE, tstate)
+    else:
+        remove_fields(headers, _NO_TRACESTATE)
+
+
+_NO_TRACESTATE: Final = frozenset({_TRACESTATE, _TRACESTATE.encode()})
+#: The fields trace propagation writes (W3C trace context and baggage), str and bytes.
+TRACE_FIELDS: Final = frozenset(
+    {n for f in ("traceparent", "tracestate", "baggage") for n in (f, f.encode())})
+
+
+def remove_fields(headers: MutableSequence[Any], names: frozenset[Any]) -> None:
+    """Drop every field whose lower-cased name is in ``names`` (str and/or bytes)."""
+    headers[:] = [h for h in headers if h[0].lower() not in names]
 
 
 # --------------------------------------------------------------------------- client spans
@@ -279,7 +339,7 @@ class _NoopAttempt:
 
     def inject(self, headers: MutableSequence[Any], binary: bool | None = None) -> None:
         if _state.passthrough:
-            propagate.inject(headers, setter=_SETTERS[binary])
+            _forward_received(headers, binary)
 
     def end(self, status: object = None, error_type: str | None = None) -> None:
         return None
@@ -324,6 +384,28 @@ def start_http_call(service: str, method: str | bytes) -> CallSpan | _NoopCall:
         )
     name = "HTTP" if label == sc.OTHER else label
     return CallSpan(tracer, f"{name} {service}", name, attrs, rpc=False)
+
+
+def start_outbound_span(host: str, port: int | None,
+                        method: str | bytes) -> AttemptSpan | _NoopAttempt:
+    """Open the CLIENT span of one call to ``host`` outside the mesh (no retries there, so
+    no call/attempt pair): named like an attempt (``"GET"``), ``server.address`` = host."""
+    tracer = _tracer()
+    if tracer is None:
+        return _NOOP_ATTEMPT
+    label = sc.http_method_label(method)
+    attrs: dict[str, Any] = {
+        sc.ATTR_HTTP_REQUEST_METHOD: label,
+        sc.ATTR_SERVER_ADDRESS: host,
+    }
+    if port:
+        attrs[sc.ATTR_SERVER_PORT] = port
+    if label == sc.OTHER:
+        attrs[sc.ATTR_HTTP_REQUEST_METHOD_ORIGINAL] = (
+            method.decode("latin-1") if isinstance(method, bytes) else method
+        )
+    name = "HTTP" if label == sc.OTHER else label
+    return AttemptSpan(tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs), False)
 
 
 def start_rpc_call(service: str, rpc_service: str, rpc_method: str,

@@ -1,4 +1,4 @@
-"""``MeshPort``: the six members of ``Mesh`` the drivers use, declared in the core.
+"""``MeshPort``: the seven members of ``Mesh`` the drivers use, declared in the core.
 
 mypy checks that ``Mesh`` satisfies the port (``meshlib.mesh._port``); these tests hold the
 same promise at run time (members and parameter names), and show that the port is enough to
@@ -23,14 +23,15 @@ import meshlib
 from meshlib.config import DEFAULT_POLICY
 from meshlib.core.destination import DestinationState
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
+from meshlib.discovery.mesh_names import MeshNames
 from meshlib.mesh import Mesh
 from meshlib.ports import CallKind, MeshPort, SnapshotListener
 from meshlib.telemetry.recorders import HttpClientRecorder, RpcClientRecorder
 
-PORT_MEMBERS = ("service", "destination", "call_observer", "add_listener", "watch", "snapshot")
+PORT_MEMBERS = ("service", "names", "destination", "call_observer", "add_listener", "watch", "snapshot")
 
 
-def test_port_declares_the_six_members() -> None:
+def test_port_declares_the_seven_members() -> None:
     declared = {n for n in vars(MeshPort) if not n.startswith("_")}
     assert declared == set(PORT_MEMBERS)
 
@@ -50,7 +51,7 @@ def test_drivers_import_the_port_not_the_facade(package: str) -> None:
     assert offenders == []
 
 
-@pytest.mark.parametrize("name", [n for n in PORT_MEMBERS if n != "service"])
+@pytest.mark.parametrize("name", [n for n in PORT_MEMBERS if n not in ("service", "names")])
 def test_mesh_methods_match_the_port(name: str) -> None:
     want = inspect.signature(getattr(MeshPort, name))
     have = inspect.signature(getattr(Mesh, name))
@@ -64,6 +65,7 @@ class StaticPort:
 
     def __init__(self, snap: ServiceSnapshot) -> None:
         self.service: str | None = "caller"
+        self.names = MeshNames()
         self._snap = snap
         self._dests: dict[str, DestinationState] = {}
         self.watched: list[str] = []

@@ -4,7 +4,9 @@ It runs the sans-I/O call plan (``meshlib.core.call.run_call``): the plan decide
 endpoint, sleep, retry, give up), this driver does the I/O and reports each attempt's result
 back (``meshlib.http.attempt`` turns responses and errors into results, and the call's end
 into the response to return or the error to raise). Requests to hosts that are not mesh
-services go to a plain httpx transport (``meshlib.http.router``).
+services go to a plain httpx transport built with the client's own transport settings
+(``verify``, ``cert``, ``limits``, ``http2``, ``proxy``: ``passthrough_options``), measured,
+traced and without mesh fields (``meshlib.http.outbound``).
 
 Hedged calls (``retries.hedging``, see ``meshlib.core.call``) leave the plain loop at their
 first attempt (one attribute check: ``action.hedge_after``) for :meth:`_hedged`, which keeps
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
+from meshlib.config.propagation import PropagationPolicy
 from meshlib.core.call import (
     HEDGE,
     WAIT,
@@ -41,6 +44,7 @@ from meshlib.http.attempt import (
     result_from_response,
 )
 from meshlib.http.backends.aio import AsyncHedges, discard, sleep
+from meshlib.http.outbound import Outbound
 from meshlib.http.router import Route, Router
 from meshlib.telemetry.tracing import start_http_call
 
@@ -58,7 +62,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     ``max_keepalive_per_endpoint``: idle connections kept per endpoint. ``hedge_threads``:
     threads for the attempts of hedged calls in the sync transport (the async one runs them
-    as tasks)."""
+    as tasks).
+
+    ``passthrough_options``: keyword arguments of ``httpx.AsyncHTTPTransport`` for calls to
+    hosts outside the mesh (``mesh.async_http_client(verify=..., cert=..., proxy=...)``
+    passes the client's own); given ones are applied at once, so a bad certificate path
+    fails here. ``no_propagate``: host patterns that get no trace context
+    (:mod:`meshlib.config.propagation`; None: ``MESHLIB_NO_PROPAGATE``)."""
 
     def __init__(
         self,
@@ -67,18 +77,22 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         passthrough: bool = True,
         max_keepalive_per_endpoint: int = 64,
         hedge_threads: int = 64,
+        passthrough_options: dict[str, Any] | None = None,
+        no_propagate: Any = None,
     ) -> None:
         self._router = Router(mesh, passthrough)
         self._pool = AsyncPool(max_idle=max_keepalive_per_endpoint)
+        self._fallback_options = dict(passthrough_options or {})
         self._fallback: httpx.AsyncBaseTransport | None = None
+        if self._fallback_options:
+            self._fallback = httpx.AsyncHTTPTransport(**self._fallback_options)
+        self._outbound = Outbound(PropagationPolicy.parse(no_propagate))
         self._hedges = AsyncHedges(hedge_threads)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         route = self._router.route(request)
         if route is None:
-            if self._fallback is None:
-                self._fallback = httpx.AsyncHTTPTransport()
-            return await self._fallback.handle_async_request(request)
+            return await self._pass(request)
         started = perf_counter()
         span = start_http_call(route.service, request.method)
         gen = self._router.start(route, request)
@@ -121,6 +135,20 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if pending is not None:
                 await pending.aclose()
             raise
+
+    async def _pass(self, request: httpx.Request) -> httpx.Response:
+        """A call to a host outside the mesh (``meshlib.http.outbound``)."""
+        fallback = self._fallback
+        if fallback is None:
+            fallback = self._fallback = httpx.AsyncHTTPTransport()
+        state = self._outbound.start(request)
+        try:
+            response = await fallback.handle_async_request(request)
+        except BaseException as exc:
+            self._outbound.end(state, request, None, exc)
+            raise
+        self._outbound.end(state, request, response, None)
+        return response
 
     async def _hedged(
         self, request: httpx.Request, route: Route, gen: HedgedCallGen, action: Any, span: Any,

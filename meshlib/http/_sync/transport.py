@@ -6,7 +6,9 @@ It runs the sans-I/O call plan (``meshlib.core.call.run_call``): the plan decide
 endpoint, sleep, retry, give up), this driver does the I/O and reports each attempt's result
 back (``meshlib.http.attempt`` turns responses and errors into results, and the call's end
 into the response to return or the error to raise). Requests to hosts that are not mesh
-services go to a plain httpx transport (``meshlib.http.router``).
+services go to a plain httpx transport built with the client's own transport settings
+(``verify``, ``cert``, ``limits``, ``http2``, ``proxy``: ``passthrough_options``), measured,
+traced and without mesh fields (``meshlib.http.outbound``).
 
 Hedged calls (``retries.hedging``, see ``meshlib.core.call``) leave the plain loop at their
 first attempt (one attribute check: ``action.hedge_after``) for :meth:`_hedged`, which keeps
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
+from meshlib.config.propagation import PropagationPolicy
 from meshlib.core.call import (
     HEDGE,
     WAIT,
@@ -43,6 +46,7 @@ from meshlib.http.attempt import (
     result_from_response,
 )
 from meshlib.http.backends.sync import SyncHedges, discard, sleep
+from meshlib.http.outbound import Outbound
 from meshlib.http.router import Route, Router
 from meshlib.telemetry.tracing import start_http_call
 
@@ -60,7 +64,13 @@ class MeshTransport(httpx.BaseTransport):
 
     ``max_keepalive_per_endpoint``: idle connections kept per endpoint. ``hedge_threads``:
     threads for the attempts of hedged calls in the sync transport (the async one runs them
-    as tasks)."""
+    as tasks).
+
+    ``passthrough_options``: keyword arguments of ``httpx.HTTPTransport`` for calls to
+    hosts outside the mesh (``mesh.async_http_client(verify=..., cert=..., proxy=...)``
+    passes the client's own); given ones are applied at once, so a bad certificate path
+    fails here. ``no_propagate``: host patterns that get no trace context
+    (:mod:`meshlib.config.propagation`; None: ``MESHLIB_NO_PROPAGATE``)."""
 
     def __init__(
         self,
@@ -69,18 +79,22 @@ class MeshTransport(httpx.BaseTransport):
         passthrough: bool = True,
         max_keepalive_per_endpoint: int = 64,
         hedge_threads: int = 64,
+        passthrough_options: dict[str, Any] | None = None,
+        no_propagate: Any = None,
     ) -> None:
         self._router = Router(mesh, passthrough)
         self._pool = SyncPool(max_idle=max_keepalive_per_endpoint)
+        self._fallback_options = dict(passthrough_options or {})
         self._fallback: httpx.BaseTransport | None = None
+        if self._fallback_options:
+            self._fallback = httpx.HTTPTransport(**self._fallback_options)
+        self._outbound = Outbound(PropagationPolicy.parse(no_propagate))
         self._hedges = SyncHedges(hedge_threads)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         route = self._router.route(request)
         if route is None:
-            if self._fallback is None:
-                self._fallback = httpx.HTTPTransport()
-            return self._fallback.handle_request(request)
+            return self._pass(request)
         started = perf_counter()
         span = start_http_call(route.service, request.method)
         gen = self._router.start(route, request)
@@ -123,6 +137,20 @@ class MeshTransport(httpx.BaseTransport):
             if pending is not None:
                 pending.close()
             raise
+
+    def _pass(self, request: httpx.Request) -> httpx.Response:
+        """A call to a host outside the mesh (``meshlib.http.outbound``)."""
+        fallback = self._fallback
+        if fallback is None:
+            fallback = self._fallback = httpx.HTTPTransport()
+        state = self._outbound.start(request)
+        try:
+            response = fallback.handle_request(request)
+        except BaseException as exc:
+            self._outbound.end(state, request, None, exc)
+            raise
+        self._outbound.end(state, request, response, None)
+        return response
 
     def _hedged(
         self, request: httpx.Request, route: Route, gen: HedgedCallGen, action: Any, span: Any,
