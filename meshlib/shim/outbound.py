@@ -170,6 +170,7 @@ class OutboundProxy:
         #: Host field value -> service name or the Refusal it gets (checks are pure)
         self._by_host: dict[bytes, str | tuple[int, str, str]] = {}
         self._by_authority: dict[bytes, str | tuple[int, str, str]] = {}
+        self._names_generation = mesh.names.generation
         self.caller = config.service.encode() if config.service else None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -215,11 +216,17 @@ class OutboundProxy:
         functions of the bytes, so they are cached (the common case: one dict lookup).
         The port of a ``Host`` field is not checked (``check_port`` False): it is the port
         the app connected to, often the shim's own, and routing is by name."""
+        names = self.mesh.names
+        if names.generation != self._names_generation:  # mesh domains changed
+            self._by_host.clear()
+            self._by_authority.clear()
+            self._names_generation = names.generation
         known = cache.get(authority)
         if known is None:
             try:
                 host, port = split_authority(authority)
-                known = check_destination(host, port if check_port else None, self.own_ports)
+                known = check_destination(host, port if check_port else None, self.own_ports,
+                                          names.domains)
             except Refusal as refusal:
                 known = (refusal.status, refusal.reason, refusal.code)
             if len(cache) < MAX_DESTINATIONS:

@@ -4,8 +4,8 @@ The shim is an HTTP intermediary on every pod, so it must not become an open pro
 SSRF gadget. A request's destination is the authority of an absolute-form target
 (``GET http://orders/x``: what ``HTTP_PROXY`` clients send; RFC 9112 3.2.2 says to ignore
 ``Host`` then) or else the ``Host`` field. It is forwarded only when that is a mesh service
-name (a single DNS label, as ``meshlib.http`` decides for library clients, see
-``keys.is_service_name``). Refused, each with a status and a one-line body that says why:
+name (a single DNS label, or ``<service>.<mesh domain>``: the rule
+``meshlib.discovery.mesh_names.mesh_service`` that ``meshlib.http`` uses for library clients). Refused, each with a status and a one-line body that says why:
 
 * ``CONNECT`` (405): no tunnels to arbitrary ports;
 * IP literals (403), including link-local metadata addresses such as 169.254.169.254 and
@@ -26,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Final
 
-from meshlib.discovery.keys import is_service_name
+from meshlib.discovery.mesh_names import mesh_service
 
 HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
@@ -72,8 +72,11 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def check_destination(host: str, port: int | None, own_ports: frozenset[int]) -> str:
-    """The mesh service a request may go to, or raise :class:`Refusal`."""
+def check_destination(host: str, port: int | None, own_ports: frozenset[int],
+                      domains: tuple[str, ...] = ()) -> str:
+    """The mesh service a request may go to, or raise :class:`Refusal`. The name rule is
+    ``meshlib.discovery.mesh_names.mesh_service`` (the library clients' rule) under the
+    mesh's ``domains``."""
     if not host:
         raise Refusal(400, "no destination: send Host: SERVICE or an absolute-form target",
                       "no_host")
@@ -84,11 +87,12 @@ def check_destination(host: str, port: int | None, own_ports: frozenset[int]) ->
     if port is not None and port in own_ports:
         raise Refusal(403, f"destination port {port} is one of this shim's own ports",
                       "own_port")
-    if host == "localhost" or not is_service_name(host):
+    service = mesh_service(host, domains)
+    if service is None:
         raise Refusal(403, f"destination {host!r} is not a mesh service name (a single DNS "
-                      "label such as 'orders'); the shim does not proxy to other hosts",
-                      "not_mesh_service")
-    return host
+                      "label such as 'orders', or orders.<mesh domain>); the shim does not "
+                      "proxy to other hosts", "not_mesh_service")
+    return service
 
 
 def _link_local(host: str) -> bool:

@@ -47,6 +47,9 @@ def test_authority_and_destination_rules():
     assert split_authority(b"Orders:8080") == ("orders", 8080)
     assert split_authority(b"[::1]:80") == ("::1", 80)
     assert check_destination("orders", None, frozenset({15001})) == "orders"
+    assert check_destination("orders.mesh", None, frozenset(), ("mesh",)) == "orders"
+    with pytest.raises(Refusal, match="not a mesh service"):
+        check_destination("orders.mesh", None, frozenset())
     for host, port, code in [("10.1.2.3", None, "ip_literal"), ("::1", None, "ip_literal"),
                              ("0x7f000001", None, "ip_literal"), ("a.b", None,
                              "not_mesh_service"), ("orders", 15001, "own_port"),
