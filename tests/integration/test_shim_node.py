@@ -217,3 +217,18 @@ def test_shim_metrics_match_the_library(shim: ShimProcess, mmesh: Mesh, py_servi
         lib_shape = series_shape(lib_fams[fam], "server_address", service)
         assert shim_shape[0], f"{fam}: no shim series for {service}"
         assert shim_shape == lib_shape, (fam, service, shim_shape, lib_shape)
+
+
+def test_curl_example(shim: ShimProcess, py_service: Any) -> None:
+    curl = shutil.which("curl")
+    assert curl, "curl is not on PATH (Debian: apt-get install curl)"
+    name, up = py_service
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "no_proxy")}
+    env["MESHLIB_SHIM"] = f"127.0.0.1:{shim.port}"
+    proc = subprocess.run(["sh", str(NODE_DIR.parent / "curl" / "example.sh"), name, "/c"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines.count(up.name) == 3, proc.stdout  # Host, HTTP_PROXY and -x forms
+    refused = lines[-1]
+    assert refused.isdigit() and 400 <= int(refused) < 500, proc.stdout  # IP literal refused
