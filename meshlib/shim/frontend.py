@@ -241,13 +241,11 @@ class ServerConnection(asyncio.Protocol):
         if mb and cur.content_length is not None and cur.content_length > mb:
             self._reject(413, f"request body of {cur.content_length} bytes is over the "
                          f"limit of {mb} bytes")
-        expect = cur.expect
-        cur.body = Body(self, expect is not None and expect.lower() == b"100-continue"
-                        and cur.version == "1.1")
-        if cur.content_length == 0 or (cur.content_length is None and not cur.chunked):
-            cur.body.done = True
-            cur.body.consumed = True
-            cur.body.expect_continue = False
+        if cur.chunked or (cur.content_length is not None and cur.content_length > 0):
+            expect = cur.expect
+            cur.body = Body(self, expect is not None and expect.lower() == b"100-continue"
+                            and cur.version == "1.1")
+        # else: no body (Request.body stays None)
         if p.should_upgrade():
             self.upgrade_req = cur
             return  # llhttp raises HttpParserUpgrade after this callback

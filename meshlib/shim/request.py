@@ -136,7 +136,7 @@ class Request:
         self.target = b""
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body: Body | None = None
+        self.body: Body | None = None  # None: the request has no body
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False
