@@ -488,6 +488,7 @@ class Mesh:
         ttl: float = 10.0,
         instance_id: str | None = None,
         wait: bool = True,
+        tls: bool = False,
     ) -> Registration:
         """Register an instance of ``service`` at ``address:port`` on an etcd lease of ``ttl``
         seconds, kept alive from a thread and restored after a lease loss; returns the handle
@@ -498,7 +499,8 @@ class Mesh:
         scales its share under weighted balancers; ``metadata`` is free-form JSON stored in the
         record; ``instance_id`` defaults to ``address-port-<random>``. With ``wait`` the call
         waits up to twice ``etcd_timeout`` for the record to be written, and logs a warning
-        (and keeps trying) when it is not."""
+        (and keeps trying) when it is not. ``tls``: the instance serves mesh mTLS (its
+        record advertises it, docs/mtls.md)."""
         check_service_name(service)
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
@@ -517,6 +519,7 @@ class Mesh:
             labels=dict(labels or {}),
             metadata=dict(metadata or {}),
             key=key,
+            tls=tls,
         )
         reg = Registration(self.client, key, ep, ttl)
         self._registrations.append(reg)

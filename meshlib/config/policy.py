@@ -465,6 +465,13 @@ class Access(_Model):
         return "*" in self.allow or (caller is not None and caller in self.allow)
 
 
+class Mtls(_Model):
+    """Mutual TLS mode of this service, as Istio's PeerAuthentication (meshlib.core.mtls):
+    callers of the service and the service's own servers both read it."""
+
+    mode: Annotated[Literal["off", "permissive", "strict"], BeforeValidator(_lower)] = "permissive"
+
+
 class HealthCheck(_Model):
     """Active grpc.health.v1 checks of endpoints."""
 
@@ -492,6 +499,7 @@ class Policy(_Model):
     routes: Tuple[Route] = ()
     fault: Fault = Fault()
     access: Access = Access()
+    mtls: Mtls = Mtls()
     health_check: HealthCheck = HealthCheck()
 
     @model_validator(mode="after")

@@ -3,7 +3,9 @@
 A record is what :meth:`meshlib.core.endpoints.Endpoint.to_record` writes::
 
     {"address": "10.0.0.7", "port": 8080, "protocol": "http", "zone": "eu-1a",
-     "weight": 100, "labels": {"version": "v2"}, "metadata": {...}}
+     "weight": 100, "labels": {"version": "v2"}, "metadata": {...}, "tls": true}
+
+``tls`` (default false): the instance accepts mesh mTLS on its port (meshlib.core.mtls).
 
 ``address`` and ``port`` are required; types are checked strictly (``"8080"`` is not a
 port). Unlike policies, records are read leniently *at the top level*: fields this version
@@ -83,6 +85,7 @@ class _Record(BaseModel):
     weight: int = Field(default=100, ge=1, le=10_000)
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    tls: bool = False
 
 
 _KNOWN = frozenset(_Record.model_fields)
@@ -122,4 +125,5 @@ def parse_instance_record(
         labels=MappingProxyType(dict(rec.labels)),
         metadata=MappingProxyType(dict(rec.metadata)),
         key=key,
+        tls=rec.tls,
     )

@@ -37,6 +37,7 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     key: str = ""
+    tls: bool = False  # accepts mesh mTLS (record field "tls", meshlib.core.mtls)
 
     def __hash__(self) -> int:
         return hash(self.key) if self.key else hash((self.address, self.port))
@@ -59,6 +60,8 @@ class Endpoint:
         }
         if self.zone is not None:
             rec["zone"] = self.zone
+        if self.tls:
+            rec["tls"] = True
         return rec
 
 

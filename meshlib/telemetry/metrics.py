@@ -81,6 +81,10 @@ for _kind in semconv.LEASE_GRANT_KINDS:
 for _result in semconv.SNAPSHOT_WRITE_RESULTS:
     SNAPSHOT_FILE_WRITES.labels(_result)
 SNAPSHOT_FILE_WRITE_DURATION.labels()
+MTLS_REFUSED: Counter = make_family(semconv.MTLS_REFUSED)
+for _side in ("client", "server"):
+    for _reason in semconv.MTLS_REFUSED_REASONS:
+        MTLS_REFUSED.labels(_side, _reason)
 
 _DISCOVERY_GLOBALS: dict[str, MetricWrapperBase] = {
     semconv.WATCH_STREAMS_OPENED.name: WATCH_STREAMS_OPENED,
@@ -101,6 +105,7 @@ _DISCOVERY_GLOBALS: dict[str, MetricWrapperBase] = {
     semconv.IDENTITY_RENEWALS.name: IDENTITY_RENEWALS,
     semconv.SIGNER_REQUESTS.name: SIGNER_REQUESTS,
     semconv.SIGNER_ACTIVE.name: SIGNER_ACTIVE,
+    semconv.MTLS_REFUSED.name: MTLS_REFUSED,
 }
 
 # Staleness is computed at scrape time from the live discovery loops of this process.

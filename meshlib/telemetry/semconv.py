@@ -401,3 +401,13 @@ _GRPC_CODE_SET: Final = frozenset(GRPC_CODE_NAMES)
 def attempt_label(n: int) -> str:
     """Attempt number (1-based) -> ``"1"``, ``"2"``, ``"3+"``."""
     return ATTEMPT_LABELS[0] if n <= 1 else ATTEMPT_LABELS[1] if n == 2 else ATTEMPT_LABELS[2]
+
+# --- mesh mTLS (meshlib.tls, meshlib.core.mtls) ------------------------------------------
+MTLS_REFUSED = Family(
+    "meshlib_mtls_refused", "counter",
+    "TLS peers refused by mesh mTLS, by side (client: the server we called; server: a caller) "
+    "and reason (no_identity, no_certificate, wrong_identity, bad_identity, handshake).",
+    ("side", "reason"),
+)
+MTLS_REFUSED_REASONS: Final = ("no_identity", "no_certificate", "wrong_identity",
+                               "bad_identity", "handshake")

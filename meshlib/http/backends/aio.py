@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 
-Key = tuple[str, int]
+from meshlib.core.mtls import MtlsRefused
+from meshlib.tls import count_refusal, handshake_refusal, verify_server
+
+Key = tuple[Any, ...]  # (host, port), or (host, port, expected SPIFFE ID) for mesh mTLS
+TLSTarget = tuple[ssl.SSLContext, str]  # (client context, expected server SPIFFE ID)
 _READ_HIGH = 1 << 20  # pause reading with this many response bytes buffered
 
 sleep = asyncio.sleep
@@ -180,18 +185,34 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_result(_TIMED_OUT)
 
 
-async def connect(key: Key, timeout: float | None) -> AsyncConnection:
+async def connect(key: Key, timeout: float | None, tls: TLSTarget | None = None
+                  ) -> AsyncConnection:
+    """Open a connection; with ``tls`` (``(context, expected SPIFFE ID)``) complete a TLS
+    handshake and check the server's identity (``meshlib.tls.verify_server``)."""
     loop = asyncio.get_running_loop()
     try:
-        coro = loop.create_connection(lambda: AsyncConnection(loop, key), key[0], key[1])
+        if tls is None:
+            coro = loop.create_connection(lambda: AsyncConnection(loop, key), key[0], key[1])
+        else:
+            coro = loop.create_connection(lambda: AsyncConnection(loop, key), key[0], key[1],
+                                          ssl=tls[0], ssl_handshake_timeout=timeout)
         if timeout is None:
             _t, proto = await coro
         else:
             _t, proto = await asyncio.wait_for(coro, timeout)
     except TimeoutError:
         raise httpx.ConnectTimeout(f"connect to {key[0]}:{key[1]} timed out") from None
+    except ssl.SSLError as exc:
+        raise httpx.ConnectError(handshake_refusal(exc, f"{key[0]}:{key[1]}")) from exc
     except OSError as exc:
         raise httpx.ConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
+    if tls is not None:
+        try:
+            verify_server(_t.get_extra_info("ssl_object"), tls[1])
+        except MtlsRefused as exc:
+            _t.close()
+            count_refusal("client", exc.reason)
+            raise httpx.ConnectError(f"mesh mTLS to {key[0]}:{key[1]}: {exc}") from exc
     return proto
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,11 @@ from typing import Any
 
 import httpx
 
-Key = tuple[str, int]
+from meshlib.core.mtls import MtlsRefused
+from meshlib.tls import count_refusal, handshake_refusal, verify_server
+
+Key = tuple[Any, ...]  # (host, port), or (host, port, expected SPIFFE ID) for mesh mTLS
+TLSTarget = tuple[ssl.SSLContext, str]  # (client context, expected server SPIFFE ID)
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _RECV = 65536
 
@@ -49,7 +54,7 @@ def close_unread(value: Any) -> None:
 class SyncConnection:
     """One HTTP/1.1 connection over a blocking socket."""
 
-    __slots__ = ("sock", "key", "buf", "eof", "reusable", "timeout")
+    __slots__ = ("sock", "key", "buf", "eof", "reusable", "timeout", "tls")
 
     def __init__(self, sock: socket.socket, key: Key, timeout: float | None) -> None:
         self.sock = sock
@@ -58,6 +63,7 @@ class SyncConnection:
         self.eof = False
         self.reusable = True
         self.timeout = timeout  # the socket's current timeout
+        self.tls = isinstance(sock, ssl.SSLSocket)
 
     def _settimeout(self, timeout: float | None) -> None:
         if timeout != self.timeout:
@@ -72,6 +78,16 @@ class SyncConnection:
         # flags (CPython sock_call_ex): MSG_DONTWAIT alone stalled every reuse for the whole
         # read timeout. Timeout 0 makes the peek really non-blocking.
         self._settimeout(0.0)
+        if self.tls:
+            # SSLSocket.recv takes no flags: read at most one record. "Want read" means
+            # nothing (or only a TLS 1.3 session ticket) arrived: still usable.
+            try:
+                self.sock.recv(1)
+            except ssl.SSLWantReadError:
+                return True
+            except OSError:
+                return False
+            return False
         try:
             data = self.sock.recv(1, _PEEK)
         except BlockingIOError:
@@ -117,14 +133,31 @@ class SyncConnection:
             pass
 
 
-def connect(key: Key, timeout: float | None) -> SyncConnection:
+def connect(key: Key, timeout: float | None, tls: TLSTarget | None = None) -> SyncConnection:
+    """Open a connection; with ``tls`` (``(context, expected SPIFFE ID)``) complete a TLS
+    handshake and check the server's identity (``meshlib.tls.verify_server``)."""
     try:
-        sock = socket.create_connection(key, timeout)
+        sock = socket.create_connection(key[:2], timeout)
     except TimeoutError:
         raise httpx.ConnectTimeout(f"connect to {key[0]}:{key[1]} timed out") from None
     except OSError as exc:
         raise httpx.ConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        try:
+            sock = tls[0].wrap_socket(sock)
+            verify_server(sock, tls[1])
+        except TimeoutError:
+            sock.close()
+            raise httpx.ConnectTimeout(
+                f"TLS handshake with {key[0]}:{key[1]} timed out") from None
+        except MtlsRefused as exc:
+            sock.close()
+            count_refusal("client", exc.reason)
+            raise httpx.ConnectError(f"mesh mTLS to {key[0]}:{key[1]}: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise httpx.ConnectError(handshake_refusal(exc, f"{key[0]}:{key[1]}")) from exc
     return SyncConnection(sock, key, timeout)
 
 
