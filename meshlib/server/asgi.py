@@ -3,9 +3,11 @@
 Per HTTP request (ASGI 3 spec, "HTTP" scope; websocket and lifespan scopes pass through):
 
 1. One pass over ``scope["headers"]`` finds ``x-mesh-caller`` and ``x-mesh-timeout``; the
-   caller is the mTLS peer's CN when the server provides the ASGI TLS extension
-   (``scope["extensions"]["tls"]["client_cert_name"]``), else the header
-   (:mod:`meshlib.server.common`).
+   caller is the verified mTLS peer when the server provides the ASGI TLS extension
+   (``scope["extensions"]["tls"]``: the mesh service of the peer's SPIFFE ID, added under
+   uvicorn by :func:`meshlib.server.tls.uvicorn_protocol`, else the ``client_cert_name`` CN),
+   else the header unless ``mtls.mode`` is ``strict``: then a request without a verified
+   peer gets 403 ``mtls_required`` (:mod:`meshlib.server.common`).
 2. A SERVER span is started from the inbound trace context.
 3. Access policy: a caller not in ``policy.access.allow`` of this service gets 403 with a
    small JSON body; the application is not called.
@@ -39,12 +41,12 @@ from meshlib.server.common import (
     EXPIRED_BODY,
     TIMEOUT_HEADER,
     AccessGate,
-    caller_identity,
     common_name,
     denied_body,
     inbound_deadline,
     name_span_route,
     resolve_service,
+    unverified_body,
 )
 from meshlib.telemetry.metrics import MeshMetrics
 from meshlib.telemetry.recorders import HttpServerRecorder, error_type_of
@@ -80,7 +82,7 @@ def _tls_peer(scope: Scope) -> str | None:
     tls = ext.get("tls")
     if not tls:
         return None
-    return common_name(tls.get("client_cert_name"))
+    return tls.get("meshlib.peer_service") or common_name(tls.get("client_cert_name"))
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:
@@ -116,11 +118,19 @@ class MeshASGIMiddleware:
                 caller_h = value
             elif name == TIMEOUT_HEADER:
                 timeout_h = value
-        caller = caller_identity(caller_h, _tls_peer(scope))
+        verified = self.gate.identify(caller_h, _tls_peer(scope))
+        caller = "" if verified is None else verified
         method = scope["method"]
         span = start_server_span(scope["headers"], method=method, caller=caller)
         rec = self.recorder
 
+        if verified is None:  # strict mTLS and no verified certificate
+            try:
+                await _respond(send, 403, unverified_body(self.gate.unverified_message()))
+            finally:
+                rec.request(method, 403, None, None, perf_counter() - start, caller)
+                span.end(403)
+            return
         if not self.gate.allows(caller):
             rec.access_denied(caller)
             try:

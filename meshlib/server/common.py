@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any, Final
 from opentelemetry import context as otel_context
 
 from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, Deadline, parse_timeout
+from meshlib.core.mtls import NO_CERTIFICATE, PERMISSIVE, inbound_caller
 from meshlib.telemetry import semconv as sc
+from meshlib.tls import count_refusal
 
 if TYPE_CHECKING:
     from meshlib.ports import MeshPort
@@ -50,6 +52,7 @@ __all__ = [
     "inbound_deadline",
     "name_span_route",
     "resolve_service",
+    "unverified_body",
 ]
 
 log = logging.getLogger("meshlib.server")
@@ -90,6 +93,29 @@ class AccessGate:
         if mesh is None:
             return True
         return bool(mesh.snapshot(self.service).policy.access.allows(caller or None))
+
+    def mode(self) -> str:
+        """``mtls.mode`` of this service (live; ``permissive`` without a mesh)."""
+        mesh = self.mesh
+        if mesh is None:
+            return PERMISSIVE
+        return str(mesh.snapshot(self.service).policy.mtls.mode)
+
+    def identify(self, header: str | bytes | None, verified: str | None) -> str | None:
+        """The caller to act on (:func:`meshlib.core.mtls.inbound_caller`): the verified peer,
+        else the ``x-mesh-caller`` header unless the mode is strict; ``None``: refuse (strict,
+        no verified certificate; counted in ``meshlib_mtls_refused_total``)."""
+        if verified:
+            return verified
+        caller = inbound_caller(self.mode(), None, caller_identity(header, None))
+        if caller is None:
+            count_refusal("server", NO_CERTIFICATE)
+        return caller
+
+    def unverified_message(self) -> str:
+        return (f"mesh certificate required: mtls.mode of service {self.service!r} is strict "
+                "and the caller presented no verified mesh certificate (x-mesh-caller is "
+                "ignored; docs/mtls.md)")
 
 
 def common_name(dn: str | bytes | None) -> str | None:
@@ -137,6 +163,11 @@ def caller_identity(header: str | bytes | None, tls_name: str | None) -> str:
 def denied_message(caller: str, service: str) -> str:
     who = repr(caller) if caller else "an unidentified caller (no x-mesh-caller, no TLS peer)"
     return f"access denied: {who} may not call service {service!r} (policy access.allow)"
+
+
+def unverified_body(message: str) -> bytes:
+    """The small JSON body of a 403 for a caller without a verified mesh certificate."""
+    return json.dumps({"error": "mtls_required", "message": message}).encode()
 
 
 def denied_body(caller: str, service: str) -> bytes:

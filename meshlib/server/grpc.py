@@ -40,9 +40,9 @@ import grpc
 
 from meshlib.context import CALLER_KEY, current_deadline
 from meshlib.core.deadline import MAX_TIMEOUT_SECONDS, Deadline
+from meshlib.core.mtls import service_of
 from meshlib.server.common import (
     AccessGate,
-    caller_identity,
     denied_message,
     detach_span,
     resolve_service,
@@ -61,14 +61,24 @@ _UNKNOWN = grpc.StatusCode.UNKNOWN
 _CANCELLED = grpc.StatusCode.CANCELLED
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 _DENIED = grpc.StatusCode.PERMISSION_DENIED
+_UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 _EXPIRED_MESSAGE = "deadline expired before the handler started (meshlib)"
 
 
 def _tls_peer(context: Any) -> str | None:
+    """The verified peer: the service of its SPIFFE ID (grpc core's ``peer_spiffe_id``
+    property, set for a certificate with exactly one spiffe:// URI SAN), else its CN."""
     try:
-        names = context.auth_context().get("x509_common_name")
+        auth = context.auth_context()
     except Exception:  # a context without auth_context (test doubles, odd servers)
         return None
+    ids = auth.get("peer_spiffe_id")
+    if ids:
+        sid = ids[0]
+        service = service_of(sid.decode() if isinstance(sid, bytes) else str(sid))
+        if service:
+            return service
+    names = auth.get("x509_common_name")
     if not names:
         return None
     name = names[0]
@@ -134,11 +144,14 @@ class _Call:
         self.start = perf_counter()
         self.context = context
         owner = self.owner
-        self.caller = caller = caller_identity(
-            _metadata_value(self.metadata, CALLER_KEY), _tls_peer(context)
-        )
+        verified = owner.gate.identify(_metadata_value(self.metadata, CALLER_KEY),
+                                       _tls_peer(context))
+        self.caller = caller = "" if verified is None else verified
         self.span = start_server_span(self.metadata, rpc_service=self.service,
                                       rpc_method=self.method, caller=caller)
+        if verified is None:  # strict mTLS and no verified certificate
+            self.finish(_UNAUTHENTICATED, None)
+            return _UNAUTHENTICATED, owner.gate.unverified_message()
         if not owner.gate.allows(caller):
             owner.recorder.access_denied(caller)
             self.finish(_DENIED, None)

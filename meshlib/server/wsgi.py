@@ -31,13 +31,13 @@ from meshlib.context import current_deadline
 from meshlib.server.common import (
     EXPIRED_BODY,
     AccessGate,
-    caller_identity,
     common_name,
     denied_body,
     detach_span,
     inbound_deadline,
     name_span_route,
     resolve_service,
+    unverified_body,
 )
 from meshlib.telemetry.metrics import MeshMetrics
 from meshlib.telemetry.recorders import HttpServerRecorder, error_type_of
@@ -127,11 +127,17 @@ class MeshWSGIMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         start = perf_counter()
         tls = environ.get("SSL_CLIENT_S_DN_CN") or common_name(environ.get("SSL_CLIENT_S_DN"))
-        caller = caller_identity(environ.get("HTTP_X_MESH_CALLER"), tls)
+        verified = self.gate.identify(environ.get("HTTP_X_MESH_CALLER"), tls)
+        caller = "" if verified is None else verified
         method = environ.get("REQUEST_METHOD", "")
         span = start_server_span(environ, method=method, caller=caller)
         rec = self.recorder
 
+        if verified is None:  # strict mTLS and no verified certificate
+            rec.request(method, 403, None, None, perf_counter() - start, caller)
+            span.end(403)
+            return self._refuse(start_response, 403,
+                                unverified_body(self.gate.unverified_message()))
         if not self.gate.allows(caller):
             rec.access_denied(caller)
             body = denied_body(caller, self.service)

@@ -64,9 +64,16 @@ def test_addresses_accepted(address: str, normalised: str) -> None:
 
 def test_unknown_top_level_fields_are_ignored_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="meshlib.config.records"):
-        ep = parse('{"address": "10.0.0.1", "port": 1, "tls": {"sni": "x"}, "priority": 2}')
+        ep = parse('{"address": "10.0.0.1", "port": 1, "quic": {"sni": "x"}, "priority": 2}')
     assert ep.address == "10.0.0.1"
-    assert "priority, tls" in caplog.text and KEY in caplog.text
+    assert "priority, quic" in caplog.text and KEY in caplog.text
+
+
+def test_tls_field_advertises_mesh_mtls() -> None:
+    assert parse('{"address": "h", "port": 1, "tls": true}').tls is True
+    assert parse('{"address": "h", "port": 1}').tls is False
+    with pytest.raises(RecordError, match="tls="):
+        parse('{"address": "h", "port": 1, "tls": "yes"}')
 
 
 def test_protocol_is_case_insensitive() -> None:

@@ -44,6 +44,7 @@ from meshlib.http.attempt import (
     result_from_response,
 )
 from meshlib.http.backends.aio import AsyncHedges, discard, sleep
+from meshlib.http.mtls import client_tls_of, tls_target
 from meshlib.http.outbound import Outbound
 from meshlib.http.router import Route, Router
 from meshlib.telemetry.tracing import start_http_call
@@ -62,7 +63,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     ``max_keepalive_per_endpoint``: idle connections kept per endpoint. ``hedge_threads``:
     threads for the attempts of hedged calls in the sync transport (the async one runs them
-    as tasks).
+    as tasks). ``identity``: an IdentitySource for mesh mTLS (default ``mesh.identity``);
+    whether an attempt uses it is the destination's ``mtls.mode`` (``meshlib.http.mtls``).
 
     ``passthrough_options``: keyword arguments of ``httpx.AsyncHTTPTransport`` for calls to
     hosts outside the mesh (``mesh.async_http_client(verify=..., cert=..., proxy=...)``
@@ -79,8 +81,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         hedge_threads: int = 64,
         passthrough_options: dict[str, Any] | None = None,
         no_propagate: Any = None,
+        identity: Any = None,
     ) -> None:
         self._router = Router(mesh, passthrough)
+        self._tls = client_tls_of(mesh, identity)
         self._pool = AsyncPool(max_idle=max_keepalive_per_endpoint)
         self._fallback_options = dict(passthrough_options or {})
         self._fallback: httpx.AsyncBaseTransport | None = None
@@ -121,6 +125,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     response = await self._pool.request(
                         ep.address, ep.port, request.method, request.url.raw_path,
                         headers, request.stream, timeouts,
+                        tls=tls_target(self._tls, route, ep),
                     )
                     result = result_from_response(response)
                     pending = response
@@ -177,7 +182,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     aspan.inject(headers, True)
                     handle = hedges.start(timed_attempt, self._pool, ep.address, ep.port,
                                           request.method, request.url.raw_path, headers,
-                                          request.stream, timeouts)
+                                          request.stream, timeouts,
+                                          (self._tls, route, ep))
                     running[action] = _Run(handle, aspan, perf_counter())
                     if action.hedge_after is not None:
                         timer = perf_counter() + action.hedge_after
@@ -211,6 +217,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             raise
 
     async def aclose(self) -> None:
+        if self._tls is not None:
+            self._tls.close()
         await self._pool.aclose()
         self._hedges.close()
         if self._fallback is not None:
@@ -231,13 +239,15 @@ class _Run:
 async def timed_attempt(
     pool: AsyncPool, host: str, port: int, method: str, target: bytes,
     headers: list[tuple[bytes, bytes]], stream: Any, timeouts: dict[str, float | None] | None,
-    on_connection: Any = None,
+    tls_of: tuple[Any, Route, Any], on_connection: Any = None,
 ) -> tuple[AttemptResult, float]:
-    """One hedged attempt: (result, seconds)."""
+    """One hedged attempt: (result, seconds). ``tls_of``: ``(client TLS, route, endpoint)``
+    for :func:`meshlib.http.mtls.tls_target`."""
     t0 = perf_counter()
     try:
         response = await pool.request(
-            host, port, method, target, headers, stream, timeouts, on_connection)
+            host, port, method, target, headers, stream, timeouts, on_connection,
+            tls_target(*tls_of))
         result = result_from_response(response)
     except httpx.TransportError as exc:
         result = result_from_error(exc)

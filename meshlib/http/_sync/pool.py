@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from meshlib.http.backends.sync import SyncConnection, connect
+from meshlib.http.backends.sync import SyncConnection, TLSTarget, connect
 from meshlib.http.wire import (
     END,
     LAST_CHUNK,
@@ -84,7 +84,7 @@ class SyncPool:
 
     def __init__(self, *, max_idle: int = 64) -> None:
         self.max_idle = max_idle
-        self._idle: dict[tuple[str, int], deque[SyncConnection]] = {}
+        self._idle: dict[tuple[Any, ...], deque[SyncConnection]] = {}
         self.opened = 0
 
     def give_back(self, conn: SyncConnection) -> None:
@@ -106,10 +106,14 @@ class SyncPool:
         stream: Any,
         timeouts: dict[str, float | None] | None,
         on_connection: abc.Callable[[SyncConnection], None] | None = None,
+        tls: TLSTarget | None = None,
     ) -> httpx.Response:
         """Send one request; ``on_connection`` (hedged attempts of the sync driver) is handed
-        the connection before the exchange, so that another thread can cancel it."""
-        key = (host, port)
+        the connection before the exchange, so that another thread can cancel it. ``tls``
+        (``(context, expected SPIFFE ID)``): use a mesh mTLS connection; they are pooled
+        apart from clear-text ones and by the identity they verified, and a rotation (a new
+        context) leaves the kept-alive ones in use."""
+        key = (host, port) if tls is None else (host, port, tls[1])
         t = timeouts or {}
         conn = None
         stack = self._idle.get(key)
@@ -123,7 +127,7 @@ class SyncPool:
                 break
             c.close()
         if conn is None:
-            conn = connect(key, t.get("connect"))
+            conn = connect(key, t.get("connect"), tls)
             self.opened += 1
         try:
             if on_connection is not None:
