@@ -84,11 +84,12 @@ class MeshChannelBase:
         observer: CallObserver | None = None,
         drain_timeout: float = 30.0,
         health_check: bool = True,
+        identity: Any = None,
     ) -> None:
         self.service = service
         self._dest = mesh.destination(service)
         self._pool = ChannelPool(mesh, service, options=options, compression=compression,
-                                 aio=self._AIO, drain_timeout=drain_timeout)
+                                 aio=self._AIO, drain_timeout=drain_timeout, identity=identity)
         self._recorder = mesh.call_observer("grpc", service)
         self._observer = observer or self._recorder
         self._extra: tuple[tuple[str, str], ...] = (

@@ -13,6 +13,17 @@ endpoint leaves the snapshot. A retired channel is closed after ``drain_timeout`
 calls in flight on it can finish (sync grpcio has no graceful close; ``grpc.aio``'s
 ``close(grace)`` waits for them). Every retirement bumps ``generation``, which tells the
 multicallables to drop their cached per-endpoint callables (one integer compare per call).
+
+Mesh mTLS (docs/mtls.md): with an identity (``identity=`` or ``mesh.identity``), an endpoint
+gets a ``grpc.secure_channel`` when :func:`meshlib.core.mtls.use_tls` says so for the
+destination's live ``mtls.mode`` and the endpoint's ``tls`` record field. Its credentials are
+``grpc.ssl_channel_credentials`` with the trust bundle, our chain and key; the server is
+verified by its certificate's DNS SAN, which mesh certificates set to the service name next to
+the SPIFFE URI SAN (``grpc.ssl_target_name_override`` = the service: grpcio's client has no
+hook to check a URI SAN, and the signer only issues a leaf whose DNS SAN and SPIFFE ID name the
+same service). grpcio cannot change a channel's credentials, so a rotation makes new channels
+with the new credentials and drains the old ones as above (calls in flight finish on them);
+a change of mode or of an endpoint's ``tls`` field does the same for the endpoints concerned.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ import grpc
 import grpc.aio
 
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
+from meshlib.core.mtls import MtlsRefused, use_tls
+from meshlib.tls import count_refusal
 
 if TYPE_CHECKING:
     from meshlib.ports import MeshPort
@@ -56,6 +69,7 @@ class ChannelPool:
         compression: grpc.Compression | None = None,
         aio: bool = False,
         drain_timeout: float = 30.0,
+        identity: Any = None,
     ) -> None:
         self.service = service
         self.aio = aio
@@ -69,11 +83,21 @@ class ChannelPool:
         self._retiring: dict[threading.Timer, Any] = {}
         self.generation = 0
         self.opened = 0
+        self._source = identity if identity is not None else getattr(mesh, "identity", None)
+        self._creds: Any = None  # grpc.ChannelCredentials of the current identity
+        self._secure: set[str] = set()  # keys of the endpoints with a secure channel
+        self._unsubscribe: Callable[[], None] | None = None
+        if self._source is not None:
+            self._creds = _channel_credentials(self._source.current())
+            self._unsubscribe = self._source.subscribe(self._rotated)
+        snap = mesh.snapshot(service)
+        self._mode = snap.policy.mtls.mode
+        self._tls_eps = frozenset(e.key for e in snap.endpoints if e.tls)
         self._remove_listener: Callable[[], None] | None = mesh.add_listener(self._on_snapshot)
 
     # --- call path --------------------------------------------------------------------
     def channel(self, ep: Endpoint) -> Any:
-        """The endpoint's channel (created on first use)."""
+        """The endpoint's channel (created on first use; secure when mesh mTLS applies)."""
         ch = self._channels.get(ep.key)
         if ch is not None:
             return ch
@@ -84,14 +108,48 @@ class ChannelPool:
                     raise RuntimeError(f"gRPC channel to service {self.service!r} is closed")
                 if self.aio:
                     self._loop = asyncio.get_running_loop()
-                    ch = grpc.aio.insecure_channel(ep.authority, options=self._options,
-                                                   compression=self._compression)
+                creds = self._credentials_for(ep)
+                mod: Any = grpc.aio if self.aio else grpc
+                if creds is None:
+                    ch = mod.insecure_channel(ep.authority, options=self._options,
+                                              compression=self._compression)
                 else:
-                    ch = grpc.insecure_channel(ep.authority, options=self._options,
-                                               compression=self._compression)
+                    opts = [*self._options, ("grpc.ssl_target_name_override", self.service)]
+                    ch = mod.secure_channel(ep.authority, creds, options=opts,
+                                            compression=self._compression)
+                    self._secure.add(ep.key)
                 self._channels[ep.key] = ch
                 self.opened += 1
         return ch
+
+    def _credentials_for(self, ep: Endpoint) -> Any:
+        """Channel credentials when the endpoint is called with mesh mTLS, else None; a
+        strict destination without an identity raises (a ``RuntimeError`` naming why)."""
+        try:
+            on = use_tls(self._mode, ep.tls, self._creds is not None)
+        except MtlsRefused as exc:
+            count_refusal("client", exc.reason)
+            raise RuntimeError(f"gRPC service {self.service!r}: {exc}") from None
+        return self._creds if on else None
+
+    def _rotated(self, creds: Any) -> None:
+        """A new identity (source thread): new credentials; secure channels are replaced
+        (the old ones drain, see the module docstring)."""
+        new = _channel_credentials(creds)
+        with self._lock:
+            self._creds = new
+        self._retire(lambda key: True, secure_only=True)
+
+    def _retire(self, which: Callable[[str], bool], *, secure_only: bool = False) -> None:
+        with self._lock:
+            gone = [(k, ch) for k, ch in self._channels.items()
+                    if which(k) and (not secure_only or k in self._secure)]
+            for k, _ in gone:
+                del self._channels[k]
+                self._secure.discard(k)
+            self.generation += 1
+        for _key, ch in gone:
+            self._close_later(ch)
 
     def keys(self) -> list[str]:
         return list(self._channels)
@@ -101,6 +159,13 @@ class ChannelPool:
         if service != self.service:
             return
         self.retain({e.key for e in snap.endpoints})
+        mode = snap.policy.mtls.mode
+        tls_eps = frozenset(e.key for e in snap.endpoints if e.tls)
+        if mode != self._mode or tls_eps != self._tls_eps:
+            changed = tls_eps ^ self._tls_eps
+            all_changed = mode != self._mode
+            self._mode, self._tls_eps = mode, tls_eps
+            self._retire(lambda key: all_changed or key in changed)
 
     def retain(self, alive: set[str]) -> None:
         """Retire the channels of endpoints not in ``alive``."""
@@ -108,6 +173,7 @@ class ChannelPool:
             gone = [(k, ch) for k, ch in self._channels.items() if k not in alive]
             for k, _ in gone:
                 del self._channels[k]
+                self._secure.discard(k)
             if gone:
                 self.generation += 1
         for key, ch in gone:
@@ -137,6 +203,9 @@ class ChannelPool:
 
     # --- lifecycle ----------------------------------------------------------------------
     def _take_all(self) -> list[Any]:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._remove_listener is not None:
             self._remove_listener()
             self._remove_listener = None
@@ -161,3 +230,9 @@ class ChannelPool:
         """Close every channel (aio pool), letting calls finish for ``grace`` seconds."""
         for ch in self._take_all():
             await ch.close(grace)
+
+
+def _channel_credentials(creds: Any) -> Any:
+    return grpc.ssl_channel_credentials(
+        root_certificates=creds.trust_bundle_pem, private_key=creds.private_key_pem,
+        certificate_chain=creds.cert_chain_pem)
