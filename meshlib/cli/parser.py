@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from meshlib.cli import demo, policy, registry, shim, watch
+from meshlib.cli import ca, demo, policy, registry, shim, signer, watch
 from meshlib.cli.base import DEFAULT_ENDPOINTS, ENV_ENDPOINTS, ENV_PREFIX
 from meshlib.discovery.keys import DEFAULT_PREFIX
 
@@ -29,6 +29,8 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     watch.add_watch_command,
     demo.add_demo_command,
     shim.add_shim_commands,
+    ca.add_ca_commands,
+    signer.add_signer_command,
 ]
 
 

@@ -31,6 +31,11 @@ endpoints and the last gRPC status. A write whose connection broke after etcd ap
 applied again by the retry (etcd's history then shows it at two revisions); meshlib's writes
 (records, policies) are idempotent by value, so this is accepted rather than failing the call.
 
+Authentication (user/password with token refresh, TLS client certificates) is in
+:mod:`meshlib.discovery.etcd_auth`: every channel is made by :meth:`EtcdClient._new_channel`, which
+adds TLS and a token interceptor when configured, so streams get them too; a unary call whose
+token etcd no longer accepts re-authenticates and is retried once.
+
 Prefix reads follow the etcd API docs: the range end of a prefix is the prefix with its last byte
 incremented (trailing 0xff bytes dropped first; an empty prefix means "all keys", range end
 ``\\0``). Large prefixes are paged with ``limit``; every page after the first is read at the first
@@ -53,6 +58,8 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import grpc
 from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
+
+from .etcd_auth import EtcdAuth, TokenAuth, TokenInterceptor, is_token_error
 
 log = logging.getLogger("meshlib.discovery")
 
@@ -91,6 +98,10 @@ class EtcdError(Exception):
 
 class EtcdUnavailable(EtcdError):
     """No member answered within the call's timeout."""
+
+
+class EtcdAuthError(EtcdError):
+    """etcd refused the credentials, or the user lacks the permission for a key."""
 
 
 class EtcdCompacted(EtcdError):
@@ -174,10 +185,9 @@ def parse_endpoints(endpoints: Iterable[str] | str) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     for raw in items:
         e = raw
-        if e.startswith("https://"):
-            raise ValueError(f"etcd endpoint {raw!r}: TLS (https://) is not supported")
-        if e.startswith("http://"):
-            e = e[len("http://"):]
+        for scheme in ("https://", "http://"):  # https: TLS, see EtcdClient(auth=...)
+            if e.startswith(scheme):
+                e = e[len(scheme):]
         e = e.rstrip("/")
         if e.startswith("["):
             host, sep, rest = e[1:].partition("]")
@@ -268,14 +278,21 @@ class EtcdClient:
     (b'1', 7)
     """
 
-    def __init__(self, endpoints: Iterable[str] | str, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, endpoints: Iterable[str] | str, *, timeout: float = 5.0, auth: EtcdAuth | None = None
+    ) -> None:
         self.hosts = parse_endpoints(endpoints)
+        raw_list = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        #: credentials: given, else from MESHLIB_ETCD_* (etcd_auth); https:// endpoints mean TLS
+        self.auth = auth if auth is not None else EtcdAuth.from_env()
+        self.tls = self.auth.tls or any("https://" in e for e in raw_list)
+        self._token_auth: TokenAuth | None = None
         self.endpoints = [
             f"[{h}]:{p}" if _ip_version(h) == 6 else f"{h}:{p}" for h, p in self.hosts
         ]
         self.timeout = float(timeout)
         self.target = grpc_target(self.hosts)
-        self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self.channel = self._new_channel(self.target, CHANNEL_OPTIONS)
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.watch_stub = rpc_pb2_grpc.WatchStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
@@ -305,6 +322,22 @@ class EtcdClient:
                 ch.close()
             self.channel.close()
 
+    def _new_channel(self, target: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+        """A channel to ``target``: TLS when configured, with the token interceptor when a user
+        is configured (the token is fetched through the first channel made, uninterceptable)."""
+        if self.tls:
+            opts = [*options, ("grpc.ssl_target_name_override", self.hosts[0][0])]
+            raw = grpc.secure_channel(target, self.auth.channel_credentials(), options=opts)
+        else:
+            raw = grpc.insecure_channel(target, options=options)
+        if self.auth.user is None or self.auth.password is None:
+            return raw
+        if self._token_auth is None:
+            self._token_auth = TokenAuth(
+                raw, self.auth.user, self.auth.password, self.auth.refresh_after, self.timeout
+            )
+        return grpc.intercept_channel(raw, TokenInterceptor(self._token_auth))
+
     # ------------------------------------------------------------------ stream placement
     @property
     def stream_endpoint(self) -> str:
@@ -319,8 +352,8 @@ class EtcdClient:
             endpoint = self.endpoints[self._stream_pos]
             ch = self._stream_channels.get(endpoint)
             if ch is None:
-                ch = grpc.insecure_channel(
-                    grpc_target([self.hosts[self._stream_pos]]), options=STREAM_CHANNEL_OPTIONS
+                ch = self._new_channel(
+                    grpc_target([self.hosts[self._stream_pos]]), STREAM_CHANNEL_OPTIONS
                 )
                 self._stream_channels[endpoint] = ch
             return ch, endpoint
@@ -366,6 +399,7 @@ class EtcdClient:
         slice_ = max(_MIN_ATTEMPT, budget / 2)
         delay = _RETRY_BASE
         last: grpc.RpcError | None = None
+        reauthenticated = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -383,6 +417,13 @@ class EtcdClient:
                         break
                     time.sleep(min(delay, remaining))
                     delay = min(delay * 2, _RETRY_MAX)
+                    continue
+                if self._token_auth is not None and not reauthenticated and is_token_error(e):
+                    # etcd dropped our token (expired, or etcd restarted): log in again, once
+                    log.info("etcd %s %s: auth token refused (%s); authenticating again",
+                             op, what, e.details() if hasattr(e, "details") else e)
+                    self._token_auth.invalidate()
+                    reauthenticated = True
                     continue
                 raise self._translate(op, what, e) from e
         code_name, details = "DEADLINE_EXCEEDED", "no attempt made"
@@ -404,6 +445,14 @@ class EtcdClient:
             return EtcdCompacted(msg)
         if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
             return LeaseNotFound(msg)
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) or (
+            code == grpc.StatusCode.INVALID_ARGUMENT and "user name" in details
+        ):
+            return EtcdAuthError(
+                msg + " (etcd authentication is on: set MESHLIB_ETCD_USER/MESHLIB_ETCD_PASSWORD or "
+                "a client certificate, and grant the user's role this key: "
+                "etcdctl role grant-permission ROLE readwrite --prefix KEY)"
+            )
         return EtcdError(msg)
 
     # ------------------------------------------------------------------ KV

@@ -7,6 +7,7 @@ The CA lives in a directory (``meshctl ca init --dir DIR``)::
     DIR/chain.pem   certificates between ca.crt and the root (empty for a root), sent with leaves
     DIR/bundle.pem  the trust bundle published in etcd: every root peers accept (several
                     during a CA rotation)
+    DIR/trust-domain  the trust domain this CA signs for (one line)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from cryptography import x509
 
 from meshlib.identity import x509util
+from meshlib.identity.spiffe import resolve_trust_domain
 from meshlib.identity.spiffe import spiffe_id as make_spiffe_id
 
 
@@ -61,8 +63,17 @@ class Authority:
 
     # ------------------------------------------------------------------ files
     @classmethod
-    def load(cls, directory: str | Path, trust_domain: str) -> Authority:
+    def load(cls, directory: str | Path, trust_domain: str | None = None) -> Authority:
+        """Load a CA directory; the trust domain comes from ``DIR/trust-domain`` when not given
+        (and must agree with it when both are)."""
         d = Path(directory)
+        td_file = d / "trust-domain"
+        recorded = td_file.read_text().strip() if td_file.is_file() else None
+        if trust_domain and recorded and trust_domain != recorded:
+            raise CAFilesError(
+                f"CA directory {d} signs for trust domain {recorded!r}, not {trust_domain!r}"
+            )
+        trust_domain = resolve_trust_domain(trust_domain or recorded)
         files = {n: d / n for n in ("ca.key", "ca.crt", "bundle.pem")}
         for name, path in files.items():
             if not path.is_file():
@@ -120,7 +131,8 @@ def init_ca_dir(
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    for name in ("ca.key", "ca.crt", "chain.pem", "bundle.pem"):
+    resolve_trust_domain(trust_domain)
+    for name in ("ca.key", "ca.crt", "chain.pem", "bundle.pem", "trust-domain"):
         if (d / name).exists():
             raise CAFilesError(f"CA directory {d}: {name} already exists; refusing to overwrite it")
     extra = also_trust or b""
@@ -143,5 +155,6 @@ def init_ca_dir(
         _write(d / "ca.crt", x509util.cert_pem(root))
         _write(d / "chain.pem", b"")
         _write(d / "bundle.pem", x509util.cert_pem(root) + extra)
+    _write(d / "trust-domain", trust_domain.encode() + b"\n")
     Authority.load(d, trust_domain)  # proves the files are consistent
     return d

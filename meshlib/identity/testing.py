@@ -80,6 +80,7 @@ class TestCA:
         (d / "ca.crt").write_bytes(x509util.cert_pem(self.authority.cert))
         (d / "chain.pem").write_bytes(b"")
         (d / "bundle.pem").write_bytes(self.bundle_pem)
+        (d / "trust-domain").write_text(self.trust_domain + "\n")
         return d
 
 
