@@ -49,6 +49,8 @@ from meshlib.discovery.mesh_names import ENV_DOMAINS, MeshNames, parse_domains
 from meshlib.discovery.registration import Registration
 from meshlib.discovery.store import SnapshotStore
 from meshlib.discovery.watch import WatchManager
+from meshlib.identity.mesh_hook import close_identity, start_identity
+from meshlib.identity.source import IdentitySource
 from meshlib.ports import CallKind, MeshPort, SnapshotListener
 from meshlib.telemetry import metrics
 
@@ -138,6 +140,9 @@ class Mesh:
         handle_sigterm: bool = False,
         breaker_listeners: Sequence[pybreaker.CircuitBreakerListener] = (),
         domains: Sequence[str] | str | None = None,
+        identity: bool | IdentitySource = False,
+        trust_domain: str | None = None,
+        identity_timeout: float = 15.0,
     ) -> None:
         """Connect to etcd (lazily: nothing here waits for it) and start the watch thread.
 
@@ -182,6 +187,12 @@ class Mesh:
                 ``MESHLIB_MESH_DOMAINS`` (comma-separated), else the etcd key
                 ``{prefix}/defaults/domains`` (watched: an operator sets it once for every
                 process), else none. An argument or the variable wins over the key.
+            identity: ``True``: get and rotate a certificate for ``service`` from the mesh
+                signer (``mesh.identity``, docs/security.md; waits up to ``identity_timeout``
+                s for the first one, else raises ``IdentityUnavailable``); or an
+                ``IdentitySource`` to use; default False (no identity).
+            trust_domain: the SPIFFE trust domain; default ``MESHLIB_TRUST_DOMAIN``, else
+                ``meshlib.local``.
         """
         self.etcd_endpoints = resolve_endpoints(etcd)
         self.layout = KeyLayout(prefix or os.environ.get(ENV_PREFIX, DEFAULT_PREFIX))
@@ -214,6 +225,13 @@ class Mesh:
                 self.layout.domains_key, self._on_domains_reset, self._on_domains_events
             )
         _live_meshes.add(self)
+        self._owns_identity = identity is True
+        self.identity: IdentitySource | None = None
+        try:
+            self.identity = start_identity(self, identity, trust_domain, identity_timeout)
+        except BaseException:
+            self.close()
+            raise
         if handle_sigterm:
             _install_sigterm_handler()
 
@@ -540,6 +558,7 @@ class Mesh:
             try:
                 for reg in self._registrations:
                     reg.close()
+                close_identity(self.identity, self._owns_identity)
                 self._watcher.close()
                 self.store.close()  # the last snapshot file write, if one is pending
                 self.client.close()
