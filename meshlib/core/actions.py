@@ -221,7 +221,7 @@ def ended(service: str, result: AttemptResult, attempts: int, deadline: Deadline
             stopped == "deadline_exceeded"
             or (result.grpc_code is None and deadline.expired(t))):
         return deadline_end(service, result, attempts, stopped)
-    return CallEnd(result, attempts, stopped=stopped)
+    return CallEnd(result, attempts, None, "", stopped)  # positional: cheaper than keywords
 
 
 def deadline_end(service: str, result: AttemptResult | None, attempts: int,

@@ -151,6 +151,7 @@ def run_call(
         health = dest.health
         stats = dest.stats
         dl = state.deadline
+        per_try = retry.per_try_timeout  # RetryPolicy.attempt_timeout is dl.per_try(t, this)
         result: AttemptResult | None = None
         while True:
             if dl.expired(t):
@@ -162,7 +163,7 @@ def run_call(
             state.begin_attempt(ep.key)
             start = stats.start(ep, t)
             try:
-                result = yield Attempt(ep, retry.attempt_timeout(state, t), state.attempt, dl)
+                result = yield Attempt(ep, dl.per_try(t, per_try), state.attempt, dl)
             except BaseException:  # cancelled mid-attempt: free the trial slot and the load
                 t = now()
                 stats.finish(ep, start, t, False)
@@ -175,8 +176,7 @@ def run_call(
             events = health.record(ep, outcome, admission, t)
             if events:
                 report(dest, observer, events)
-            d = retry.decide(state, outcome, result.status, result.retry_after_s, t,
-                             grpc_code=result.grpc_code, pushback_s=result.pushback_s)
+            d = retry.decide_after(state, result, t)
             if d is FINISH:
                 return ended(service, result, state.attempt, dl, t)
             if isinstance(d, Fail):

@@ -486,11 +486,12 @@ class HealthRegistry:
         s = self._slots.get(ep if isinstance(ep, str) else ep.key)
         if s is None:
             s = self._slots.get(_key(ep))
-        if s is None or admission == REJECT:
-            return _NO_EVENTS
+            if s is None:
+                return _NO_EVENTS
         if outcome is _SUCCESS and admission == ADMIT and s.quiet:
-            # the common case: a healthy endpoint stays healthy (the call plan tests the
-            # same three conditions before calling here: see HealthSlot.quiet)
+            # the common case: a healthy endpoint stays healthy (see HealthSlot.quiet)
+            return _NO_EVENTS
+        if admission == REJECT:
             return _NO_EVENTS
         events: list[HealthEvent] | None = None
         if s.ejecting and s.ejected_until <= now:

@@ -245,6 +245,7 @@ class HedgingPlan:
 
 
 _NONE_TRIED: frozenset[str] = frozenset()
+_SUCCESS_OUTCOME = Outcome.SUCCESS
 #: The deadline of calls with neither a policy timeout nor an inherited one (immutable).
 _UNBOUNDED = Deadline(None)
 
@@ -278,8 +279,9 @@ class CallState:
         self.attempt += 1
         tried = self.tried
         if tried is _NONE_TRIED:
-            tried = self.tried = set()
-        tried.add(endpoint_key)  # type: ignore[union-attr]
+            self.tried = {endpoint_key}  # a set display: no global lookup, no add() call
+        else:
+            tried.add(endpoint_key)  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- the policy
@@ -379,6 +381,16 @@ class RetryPolicy:
                 grpc_code_key(grpc_code) in self.grpc_retry_on
             )
         return is_retryable_http(outcome, status, self.retry_on, self.retriable_status_codes)
+
+    def decide_after(self, state: CallState, result: Any, now: float) -> Decision:
+        """:meth:`decide` for an attempt's ``AttemptResult`` (the call plan's form: one
+        positional call, and an attempt that succeeded returns FINISH before any field of
+        ``result`` but its outcome is read)."""
+        outcome = result.outcome
+        if outcome is _SUCCESS_OUTCOME:
+            return FINISH
+        return self.decide(state, outcome, result.status, result.retry_after_s, now,
+                           grpc_code=result.grpc_code, pushback_s=result.pushback_s)
 
     def decide(
         self,

@@ -46,7 +46,8 @@ def choose(plan: Plan, health: HealthRegistry, candidates_all: tuple[Any, ...],
     pick goes elsewhere: the bound only ends a loop of breakers flipping under concurrency).
     """
     balancer = plan.balancer
-    for _ in range(len(candidates_all) + 1):
+    refused = 0
+    while True:
         candidates = plan.zones.select(candidates_all, t) if plan.zoned else candidates_all
         ep = balancer.pick(candidates, tried, hash_key, t)
         if ep is None:
@@ -56,4 +57,6 @@ def choose(plan: Plan, health: HealthRegistry, candidates_all: tuple[Any, ...],
         admission = health.admit(ep, t)
         if admission != REJECT:
             return ep, admission
-    return None, REJECT
+        refused += 1
+        if refused > len(candidates_all):
+            return None, REJECT
