@@ -7,7 +7,7 @@ from typing import Any
 
 from meshlib.core.actions import BLOCKED, CallObserver
 from meshlib.core.destination import DestinationState, Plan
-from meshlib.core.health import REJECT, HealthEvent, HealthRegistry
+from meshlib.core.health import ADMIT, CLOSED, REJECT, HealthEvent, HealthRegistry
 
 EMPTY: frozenset[str] = frozenset()
 
@@ -54,6 +54,12 @@ def choose(plan: Plan, health: HealthRegistry, candidates_all: tuple[Any, ...],
             ep = fallback_pick(balancer, candidates, candidates_all, tried, hash_key, t)
             if ep is None:
                 return None, BLOCKED
+        # Shortcut S1 (docs/design.md 9): a closed breaker admits (HealthRegistry.admit's
+        # first test, also true with breakers off: configure() closes them); held to
+        # ``admit`` by test_core_call_differential.py.
+        hs = health.slots.get(ep.key)
+        if hs is not None and hs.state is CLOSED:
+            return ep, ADMIT
         admission = health.admit(ep, t)
         if admission != REJECT:
             return ep, admission

@@ -10,6 +10,13 @@ loop written only with ``DestinationState.acquire`` / ``release``,
 ``RetryPolicy.decide`` (the budget's ``try_withdraw``). Both sides start from identical
 destinations (same seed, same clock) and must pick the same endpoints, end the same way and
 leave identical health, load and budget state while every attempt runs and after every call.
+
+The shortcuts ``run_call`` keeps for the common case (docs/design.md 9: S1 admission of a
+closed breaker, S2 load counts without latency tracking, S3 an admitted success on a quiet
+slot, S4 the ``CallState`` made when a first attempt fails) are each exercised here in both
+directions: policies with and without breakers and latency tracking (``peak_ewma``), HTTP and
+gRPC calls (``grpc=True``: every status retried on ``grpc_retry_on``, committed results,
+pushback), one endpoint and four, with and without a caller's deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from plan_fakes import Clock
 
 from meshlib.config.policy import parse_policy_dict
 from meshlib.core.call import Attempt, AttemptResult, CallEnd, Sleep, run_call
+from meshlib.core.deadline import Deadline
 from meshlib.core.destination import DestinationState
 from meshlib.core.endpoints import Endpoint, ServiceSnapshot
 from meshlib.core.health import REJECT
@@ -43,6 +51,21 @@ RESULTS = [
     AttemptResult(Outcome.TIMEOUT, None, "slow"),
 ]
 
+#: gRPC attempts as ``meshlib.grpc.attempt`` reports them (``grpc_code`` None: committed).
+GRPC_RESULTS = [
+    AttemptResult(Outcome.SUCCESS, 200, None, grpc_code="OK"),
+    AttemptResult(Outcome.SUCCESS, 200, None, grpc_code="OK"),
+    AttemptResult(Outcome.SUCCESS, 200, None, grpc_code="OK"),
+    AttemptResult(Outcome.GATEWAY_ERROR, 503, "unavailable", grpc_code="UNAVAILABLE"),
+    AttemptResult(Outcome.GATEWAY_ERROR, 503, "unavailable", grpc_code="UNAVAILABLE",
+                  pushback_s=0.01),
+    AttemptResult(Outcome.HTTP_5XX, 500, "internal", grpc_code="INTERNAL"),
+    AttemptResult(Outcome.HTTP_4XX, 404, "not found", grpc_code="NOT_FOUND"),
+    AttemptResult(Outcome.TIMEOUT, 504, "deadline", grpc_code="DEADLINE_EXCEEDED"),
+    AttemptResult(Outcome.GATEWAY_ERROR, 503, "committed"),  # headers came: never retried
+    AttemptResult(Outcome.CONNECT_FAILURE, None, "refused"),
+]
+
 POLICIES: list[dict[str, Any]] = [
     {},
     {"load_balancer": {"policy": "round_robin"},
@@ -61,12 +84,22 @@ POLICIES: list[dict[str, Any]] = [
      "circuit_breaker": {"enabled": False}},
     {"retries": {"attempts": 3, "methods": ["PUT"]},  # GET is not retried: Fail reasons
      "outlier_detection": {"enabled": False}},
+    {"load_balancer": {"policy": "peak_ewma"}, "timeout": "80ms",  # latency tracked (S2)
+     "retries": {"attempts": 3, "grpc_retry_on": ["unavailable", "internal"]},
+     "circuit_breaker": {"enabled": False},
+     "outlier_detection": {"consecutive_5xx": 3, "max_ejection_percent": 100}},
+    {"circuit_breaker": {"failure_threshold": 1, "reset_timeout": "30ms",  # quiet trials:
+                         "half_open_max_calls": 1},  # half-open slots with no counters
+     "outlier_detection": {"enabled": False}},
 ]
 
+#: (grpc, endpoints, caller deadline in seconds or None)
+MODES = [(False, 4, None), (True, 4, None), (False, 1, None), (True, 1, 0.06)]
 
-def _dest(raw: dict[str, Any], seed: int) -> tuple[DestinationState, Clock]:
+
+def _dest(raw: dict[str, Any], seed: int, count: int = 4) -> tuple[DestinationState, Clock]:
     eps = tuple(Endpoint(SVC, f"i{i}", "127.0.0.1", 9000 + i, key=f"/svc/{SVC}/i{i}")
-                for i in range(4))
+                for i in range(count))
     snap = ServiceSnapshot(SVC, eps, parse_policy_dict(raw, "diff"))
     clock = Clock()
     dest = DestinationState(SVC, lambda: snap, now=clock, rng=random.Random(seed))
@@ -78,10 +111,18 @@ class Script:
     """The outcomes and durations of one call's attempts, drawn once and replayed on both
     sides (attempt ``n`` gets the same result and takes the same time on each)."""
 
-    def __init__(self, rng: random.Random) -> None:
-        self.steps = [(rng.choice(RESULTS), rng.choice((0.0, 0.001, 0.02, 0.07)))
+    def __init__(self, rng: random.Random, grpc: bool = False,
+                 caller_timeout: float | None = None) -> None:
+        results = GRPC_RESULTS if grpc else RESULTS
+        self.steps = [(rng.choice(results), rng.choice((0.0, 0.001, 0.02, 0.07)))
                       for _ in range(6)]
         self.gap = rng.choice((0.0, 0.005, 0.05, 0.3))  # time before the call starts
+        self.grpc = grpc
+        self.caller_timeout = caller_timeout
+
+    def deadline(self, now: float) -> Deadline | None:
+        """The caller's deadline (a gRPC ``timeout``), the same object on both sides."""
+        return None if self.caller_timeout is None else Deadline(now + self.caller_timeout)
 
     def answer(self, n: int) -> tuple[AttemptResult, float]:
         return self.steps[min(n, len(self.steps)) - 1]
@@ -94,7 +135,8 @@ def during(dest: DestinationState, key: str, timeout: float | None) -> tuple[Any
 
 def drive(dest: DestinationState, clock: Clock, script: Script) -> tuple[CallEnd, list[Any]]:
     """Run ``run_call`` as a driver does: answer each Attempt from the script."""
-    gen = run_call(dest, dest.plan(), method="GET")
+    gen = run_call(dest, dest.plan(), method="POST" if script.grpc else "GET",
+                   grpc=script.grpc, deadline=script.deadline(clock()))
     picks: list[Any] = []
     try:
         action = next(gen)
@@ -128,7 +170,8 @@ def _reference_loop(dest: DestinationState, clock: Clock,
     health, stats, retry, balancer = dest.health, dest.stats, plan.retry, plan.balancer
     candidates_all = plan.router.default.endpoints
     t = clock()
-    state = retry.new_call("GET", now=t)  # CallState; deposits into the budget
+    state = retry.new_call("POST" if script.grpc else "GET", grpc=script.grpc, now=t,
+                           deadline=script.deadline(t))  # CallState; deposits into the budget
     picks: list[Any] = []
     result: AttemptResult | None = None
     rejects = 0
@@ -161,7 +204,8 @@ def _reference_loop(dest: DestinationState, clock: Clock,
         if d is FINISH or isinstance(d, Fail):
             stopped = d.reason if isinstance(d, Fail) else None
             deadline_end = result.status is None and result.outcome is not Outcome.SUCCESS and (
-                stopped == "deadline_exceeded" or state.deadline.expired(t))
+                stopped == "deadline_exceeded"
+                or (result.grpc_code is None and state.deadline.expired(t)))
             return ("deadline_exceeded" if deadline_end else None, state.attempt,
                     stopped), picks
         if d.delay_s > 0:
@@ -183,15 +227,18 @@ def state_of(dest: DestinationState) -> dict[str, Any]:
             "inflight": dest.inflight}
 
 
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"grpc={m[0]}-eps={m[1]}-dl={m[2]}")
 @pytest.mark.parametrize("policy_index", range(len(POLICIES)))
 @pytest.mark.parametrize("seed", range(8))
-def test_run_call_leaves_the_state_the_home_methods_leave(policy_index: int, seed: int):
+def test_run_call_leaves_the_state_the_home_methods_leave(
+        policy_index: int, seed: int, mode: tuple[bool, int, float | None]):
+    grpc, count, caller_timeout = mode
     raw = POLICIES[policy_index]
-    plan_dest, plan_clock = _dest(raw, seed)
-    ref_dest, ref_clock = _dest(raw, seed)
+    plan_dest, plan_clock = _dest(raw, seed, count)
+    ref_dest, ref_clock = _dest(raw, seed, count)
     scripts = random.Random(1000 * policy_index + seed)
     for i in range(60):  # one script = one call; 60 calls per destination
-        script = Script(scripts)
+        script = Script(scripts, grpc, caller_timeout)
         plan_clock.advance(script.gap)
         ref_clock.advance(script.gap)
         end, picks = drive(plan_dest, plan_clock, script)
