@@ -211,3 +211,20 @@ def test_host_label_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     got = [outbound.outbound_label(f"h{i}.example") for i in range(5)]
     assert got == ["h0.example", "h1.example", "h2.example", sc.OTHER, sc.OTHER]
     assert outbound.outbound_label("h1.example") == "h1.example"
+
+
+def test_baggage_the_app_set_goes_to_non_mesh_hosts(
+        mesh: Mesh, server: RawServer, spans: InMemorySpanExporter) -> None:
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+    try:
+        with mesh.http_client() as client:
+            assert client.get(f"http://127.0.0.1:{server.port}/x").status_code == 200
+        with mesh.http_client(no_propagate="127.0.0.1") as client:
+            assert client.get(f"http://127.0.0.1:{server.port}/y").status_code == 200
+    finally:
+        otel_context.detach(token)
+    assert server.fields("baggage", -2) == ["tenant=acme"]
+    assert server.fields("baggage", -1) == []
