@@ -373,17 +373,23 @@ def start_http_call(service: str, method: str | bytes) -> CallSpan | _NoopCall:
     tracer = _tracer()
     if tracer is None:
         return _NOOP_CALL
+    name, attrs = _http_client_attrs(method, service)
+    return CallSpan(tracer, f"{name} {service}", name, attrs, rpc=False)
+
+
+def _http_client_attrs(method: str | bytes, address: str) -> tuple[str, dict[str, Any]]:
+    """The span name (``GET``; ``HTTP`` for ``_OTHER``) and the method and server
+    attributes of an HTTP client span."""
     label = sc.http_method_label(method)
     attrs: dict[str, Any] = {
         sc.ATTR_HTTP_REQUEST_METHOD: label,
-        sc.ATTR_SERVER_ADDRESS: service,
+        sc.ATTR_SERVER_ADDRESS: address,
     }
     if label == sc.OTHER:
         attrs[sc.ATTR_HTTP_REQUEST_METHOD_ORIGINAL] = (
             method.decode("latin-1") if isinstance(method, bytes) else method
         )
-    name = "HTTP" if label == sc.OTHER else label
-    return CallSpan(tracer, f"{name} {service}", name, attrs, rpc=False)
+    return ("HTTP" if label == sc.OTHER else label), attrs
 
 
 def start_outbound_span(host: str, port: int | None,
@@ -393,18 +399,9 @@ def start_outbound_span(host: str, port: int | None,
     tracer = _tracer()
     if tracer is None:
         return _NOOP_ATTEMPT
-    label = sc.http_method_label(method)
-    attrs: dict[str, Any] = {
-        sc.ATTR_HTTP_REQUEST_METHOD: label,
-        sc.ATTR_SERVER_ADDRESS: host,
-    }
+    name, attrs = _http_client_attrs(method, host)
     if port:
         attrs[sc.ATTR_SERVER_PORT] = port
-    if label == sc.OTHER:
-        attrs[sc.ATTR_HTTP_REQUEST_METHOD_ORIGINAL] = (
-            method.decode("latin-1") if isinstance(method, bytes) else method
-        )
-    name = "HTTP" if label == sc.OTHER else label
     return AttemptSpan(tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs), False)
 
 

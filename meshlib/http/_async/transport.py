@@ -88,7 +88,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._pool = AsyncPool(max_idle=max_keepalive_per_endpoint)
         self._fallback_options = dict(passthrough_options or {})
         self._fallback: httpx.AsyncBaseTransport | None = None
-        if self._fallback_options:
+        if self._fallback_options.keys() - {"trust_env"}:  # else built at the first use
             self._fallback = httpx.AsyncHTTPTransport(**self._fallback_options)
         self._outbound = Outbound(PropagationPolicy.parse(no_propagate))
         self._hedges = AsyncHedges(hedge_threads)

@@ -90,7 +90,7 @@ class MeshTransport(httpx.BaseTransport):
         self._pool = SyncPool(max_idle=max_keepalive_per_endpoint)
         self._fallback_options = dict(passthrough_options or {})
         self._fallback: httpx.BaseTransport | None = None
-        if self._fallback_options:
+        if self._fallback_options.keys() - {"trust_env"}:  # else built at the first use
             self._fallback = httpx.HTTPTransport(**self._fallback_options)
         self._outbound = Outbound(PropagationPolicy.parse(no_propagate))
         self._hedges = SyncHedges(hedge_threads)
