@@ -1,8 +1,8 @@
 """The cost of mesh mTLS: per-call p50 with mTLS over the same call without it, and the rate of
 new handshakes.
 
-Setup: one throwaway etcd; a keep-alive HTTP/1.1 responder in a separate process listening on
-two ports, one clear text and one TLS 1.3 with a mesh certificate (client certificate verified),
+Setup: one throwaway etcd; a keep-alive HTTP/1.1 responder in a separate process (nginx when
+installed, as in bench/http_overhead.py, else a small Python server) listening on two ports, one clear text and one TLS 1.3 with a mesh certificate (client certificate verified),
 a blocking thread per connection on both (so the server's TLS is OpenSSL's C code, not asyncio's
 pure-Python TLS protocol, which would dominate the measurement);
 one grpcio server (in this process) with a clear-text and a TLS port
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import shutil
 import sys
 import textwrap
 import time
@@ -92,6 +94,48 @@ _RESPONDER = textwrap.dedent(
 )
 
 
+_NGINX = textwrap.dedent(
+    """
+    worker_processes 1;
+    daemon off;
+    pid {d}/nginx.pid;
+    error_log {d}/error.log;
+    events {{ worker_connections 1024; }}
+    http {{
+        access_log off;
+        keepalive_requests 1000000;
+        client_body_temp_path {d};
+        server {{
+            listen 127.0.0.1:{plain} backlog=1024;
+            location / {{ return 200 "ok"; }}
+        }}
+        server {{
+            listen 127.0.0.1:{tls} ssl backlog=1024;
+            ssl_protocols TLSv1.3;
+            ssl_certificate {d}/server.pem;
+            ssl_certificate_key {d}/server.pem;
+            ssl_client_certificate {d}/bundle.pem;
+            ssl_verify_client optional;
+            ssl_session_tickets off;
+            location / {{ return 200 "ok"; }}
+        }}
+    }}
+    """
+)
+
+
+def _responder_argv(tmp: pathlib.Path, plain: int, tls: int) -> list[str]:
+    """nginx when installed (a C server: the client's cost dominates, as in
+    bench/http_overhead.py), else the threaded Python responder."""
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
+                                    else None)
+    if exe is None:
+        return [sys.executable, "-c", _RESPONDER, str(plain), str(tls), str(tmp)]
+    conf = tmp / "nginx.conf"
+    conf.write_text(_NGINX.format(d=tmp, plain=plain, tls=tls))
+    return [exe, "-c", str(conf), "-p", str(tmp)]
+
+
 class _Servicer(pb_grpc.TestServiceServicer):
     def UnaryCall(self, request: object, context: object) -> object:
         return pb.SimpleResponse(server_id="x")
@@ -124,8 +168,7 @@ def main() -> int:
     (tmp / "server.pem").write_bytes(http_creds.cert_chain_pem + http_creds.private_key_pem)
     (tmp / "bundle.pem").write_bytes(ca.bundle_pem)
     plain_port, tls_port = free_port(), free_port()
-    proc = spawn([sys.executable, "-c", _RESPONDER, str(plain_port), str(tls_port), str(tmp)],
-                 tmp / "responder.log")
+    proc = spawn(_responder_argv(tmp, plain_port, tls_port), tmp / "responder.log")
     server = grpc.server(futures.ThreadPoolExecutor(4))
     pb_grpc.add_TestServiceServicer_to_server(_Servicer(), server)
     g_plain = server.add_insecure_port("127.0.0.1:0")

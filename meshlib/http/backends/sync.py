@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -77,17 +78,9 @@ class SyncConnection:
         # A socket with a timeout polls for up to that timeout *before* recv, whatever the
         # flags (CPython sock_call_ex): MSG_DONTWAIT alone stalled every reuse for the whole
         # read timeout. Timeout 0 makes the peek really non-blocking.
-        self._settimeout(0.0)
         if self.tls:
-            # SSLSocket.recv takes no flags: read at most one record. "Want read" means
-            # nothing (or only a TLS 1.3 session ticket) arrived: still usable.
-            try:
-                self.sock.recv(1)
-            except ssl.SSLWantReadError:
-                return True
-            except OSError:
-                return False
-            return False
+            return self._tls_usable()
+        self._settimeout(0.0)
         try:
             data = self.sock.recv(1, _PEEK)
         except BlockingIOError:
@@ -95,6 +88,26 @@ class SyncConnection:
         except OSError:
             return False
         del data  # EOF (b"") or unexpected bytes from the server: not reusable
+        return False
+
+    def _tls_usable(self) -> bool:
+        """``usable`` for a TLS socket: ``SSLSocket.recv`` takes no flags, so first ask the
+        kernel (``poll``, no exception on the common path); only when bytes wait, read at
+        most one record without blocking: "want read" means it was only a TLS 1.3 session
+        ticket (still usable), anything else (EOF, alert, data) is not."""
+        sock = self.sock
+        if not sock.pending():  # type: ignore[attr-defined]  # an SSLSocket here
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            if not poller.poll(0):
+                return True
+        self._settimeout(0.0)
+        try:
+            sock.recv(1)
+        except ssl.SSLWantReadError:
+            return True
+        except OSError:
+            return False
         return False
 
     def park(self) -> bool:
