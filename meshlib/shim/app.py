@@ -29,6 +29,7 @@ import signal
 import time
 from typing import Any
 
+from meshlib.identity.readiness import identity_problems
 from meshlib.shim.admin import AdminHandler
 from meshlib.shim.config import ConfigError, ShimConfig
 from meshlib.shim.frontend import FrontServer, Limits
@@ -82,7 +83,8 @@ class Shim:
 
         self.mesh = await asyncio.to_thread(
             Mesh, cfg.etcd, prefix=cfg.prefix, zone=cfg.zone, service=cfg.service,
-            snapshot_path=cfg.snapshot, handle_sigterm=False)
+            snapshot_path=cfg.snapshot, handle_sigterm=False,
+            identity=cfg.identity == "on", trust_domain=cfg.trust_domain)
         if cfg.upstreams:
             from meshlib.shim import grpc_proxy  # type: ignore[attr-defined]
 
@@ -180,6 +182,7 @@ class Shim:
             return missing
         if not mesh.connected and not mesh.store.services():
             missing.append("etcd not reachable and no snapshot loaded")
+        missing.extend(identity_problems(getattr(mesh, "identity", None)))
         reg = self.registrar
         if reg is not None and not reg.registered:
             missing.append(f"app {self.config.service!r} not registered (last health check: "

@@ -79,6 +79,8 @@ class ShimConfig:
     drain_seconds: float = 5.0
     tracing: str = "passthrough"
     log_level: str = "info"
+    identity: str = "off"
+    trust_domain: str | None = None
 
     def own_ports(self) -> frozenset[int]:
         """Every port this shim listens on (refused as a destination: no proxy loops)."""
@@ -309,6 +311,12 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "caller's trace context unchanged", "MODE"),
     Option("--log-level", _choice("debug", "info", "warning", "error"), "log level "
            "(default info)", "LEVEL"),
+    # identity (docs/security.md)
+    Option("--identity", _choice("off", "on"), "on: get and rotate a mesh certificate for "
+           "--service from `meshlib signer` through etcd; /ready reports a missing or nearly "
+           "expired one (default off)", "on|off"),
+    Option("--trust-domain", str, "SPIFFE trust domain of the mesh (else MESHLIB_TRUST_DOMAIN, "
+           "else meshlib.local)", "DOMAIN"),
 )
 
 _BY_DEST: Final = {**{o.dest: o for o in OPTIONS}, **{o.field: o for o in OPTIONS}}
@@ -397,6 +405,8 @@ def _validate(cfg: ShimConfig) -> ShimConfig:
     if cfg.app_port is not None and not cfg.service:
         raise ConfigError(f"--app-port {cfg.app_port}: needs --service NAME (the name the app "
                           "is registered under)")
+    if cfg.identity == "on" and not cfg.service:
+        raise ConfigError("--identity on: needs --service NAME (the identity is the service's)")
     if cfg.inbound_port and not cfg.registers():
         raise ConfigError(f"--inbound-port {cfg.inbound_port}: needs --service and --app-port "
                           "(the app the inbound port forwards to)")
