@@ -214,3 +214,43 @@ def test_access_policy_by_verified_identity_ignores_forged_caller(
                            metadata=(("x-mesh-caller", "gateway"),))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "'intruder' may not call" in str(info.value.details())
+
+
+def test_end_to_end_with_signer_renewals_under_traffic(etcd_server: Any, etcd_prefix: str,
+                                                       tmp_path: Any) -> None:
+    """Mesh(identity=True) on both sides with the real signer (6 s certificates): gRPC calls
+    through mesh.grpc_channel() keep succeeding across renewals of both certificates."""
+    from meshlib.discovery.etcd_client import EtcdClient
+    from meshlib.identity.authority import Authority
+    from meshlib.identity.signer import Signer
+
+    authority = Authority.load(TestCA().write_dir(tmp_path / "ca"), "meshlib.local")
+    with EtcdClient(etcd_server.endpoint, timeout=3) as ec, \
+            Signer(ec, authority, prefix=etcd_prefix, lifetime=dt.timedelta(seconds=6)), \
+            Mesh(etcd_server.endpoint, prefix=etcd_prefix, service="orders", identity=True,
+                 handle_sigterm=False) as m_orders, \
+            Mesh(etcd_server.endpoint, prefix=etcd_prefix, service="gateway", identity=True,
+                 handle_sigterm=False) as m_gw:
+        assert m_orders.identity is not None and m_gw.identity is not None
+        rotations = [0, 0]
+        m_orders.identity.subscribe(lambda c: rotations.__setitem__(0, rotations[0] + 1))
+        m_gw.identity.subscribe(lambda c: rotations.__setitem__(1, rotations[1] + 1))
+        with TLSGrpcServer(m_orders.identity, m_orders) as srv:
+            m_orders.register("orders", srv.port, instance_id="orders-ge2e", protocol="grpc",
+                              tls=True)
+            wait_endpoints(m_gw, "orders", 1)
+            set_policy(m_gw, "orders", STRICT)
+            failures: list[BaseException] = []
+            calls = 0
+            deadline = time.monotonic() + 30
+            with m_gw.grpc_channel("orders", drain_timeout=5) as ch:
+                while min(rotations) < 2 and time.monotonic() < deadline:
+                    try:
+                        assert call(ch) == GATEWAY
+                        calls += 1
+                    except BaseException as exc:  # noqa: BLE001
+                        failures.append(exc)
+                opened = ch.pool.opened
+            assert min(rotations) >= 2, rotations
+            assert not failures, failures[:3]
+            assert calls > 50 and opened >= 3

@@ -244,3 +244,42 @@ def test_access_policy_by_verified_identity(mesh: Mesh, ca: TestCA, orders: TLSU
     assert denied.startswith(b"HTTP/1.1 403") and b"'intruder' may not call" in denied
     with client(mesh, StaticIdentitySource(ca.issue("intruder"))) as http:
         assert http.get("http://orders/").status_code == 403
+
+
+def test_end_to_end_with_signer_renewals_under_traffic(etcd_server: Any, etcd_prefix: str,
+                                                       tmp_path: Any) -> None:
+    """Mesh(identity=True) on both sides, certificates from the real signer through etcd with a
+    6 s lifetime (renewed at about half of it): HTTP calls through mesh.http_client() keep
+    succeeding across several renewals of both certificates."""
+    from meshlib.discovery.etcd_client import EtcdClient
+    from meshlib.identity.authority import Authority
+    from meshlib.identity.signer import Signer
+
+    authority = Authority.load(TestCA().write_dir(tmp_path / "ca"), "meshlib.local")
+    with EtcdClient(etcd_server.endpoint, timeout=3) as ec, \
+            Signer(ec, authority, prefix=etcd_prefix, lifetime=dt.timedelta(seconds=6)), \
+            Mesh(etcd_server.endpoint, prefix=etcd_prefix, service="orders", identity=True,
+                 handle_sigterm=False) as m_orders, \
+            Mesh(etcd_server.endpoint, prefix=etcd_prefix, service="gateway", identity=True,
+                 handle_sigterm=False) as m_gw:
+        assert m_orders.identity is not None and m_gw.identity is not None
+        rotations = [0, 0]
+        m_orders.identity.subscribe(lambda c: rotations.__setitem__(0, rotations[0] + 1))
+        m_gw.identity.subscribe(lambda c: rotations.__setitem__(1, rotations[1] + 1))
+        with TLSUvicorn(m_orders.identity, m_orders, "orders") as srv:
+            m_orders.register("orders", srv.port, instance_id="orders-e2e", tls=True)
+            wait_endpoints(m_gw, "orders", 1)
+            set_policy(m_gw, "orders", STRICT)
+            failures: list[BaseException] = []
+            calls = 0
+            deadline = time.monotonic() + 30
+            with m_gw.http_client() as http:
+                while min(rotations) < 2 and time.monotonic() < deadline:
+                    try:
+                        assert http.get("http://orders/").text == "peer=gateway"
+                        calls += 1
+                    except BaseException as exc:  # noqa: BLE001
+                        failures.append(exc)
+            assert min(rotations) >= 2, rotations
+            assert not failures, failures[:3]
+            assert calls > 50
