@@ -164,3 +164,61 @@ def test_expired_certificate_is_refused_with_a_clear_reason() -> None:
     assert e.value.code == "expired" and "expired at" in str(e.value)
     leaf = x509.load_pem_x509_certificates(creds.cert_chain_pem)[0]
     assert leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ") in str(e.value)
+
+
+def test_rate_limit_per_service_is_a_refusal_with_a_reason(client, authority, etcd_prefix) -> None:  # type: ignore[no-untyped-def]
+    from meshlib.identity.ratelimit import RateLimiter
+
+    keys = IdentityKeys(etcd_prefix)
+    limiter = RateLimiter(per_minute=1, burst=1)
+    with Signer(client, authority, prefix=etcd_prefix, limiter=limiter) as signer:
+        assert signer.wait_active(10)
+        for rid in ("a", "b"):
+            csr = x509util.make_csr(x509util.generate_key(), f"spiffe://{TD}/svc/orders", "orders")
+            client.put(keys.csr("orders", rid), csr)
+        assert _answer(client, keys, "orders", "a")["status"] == "issued"
+        b = _answer(client, keys, "orders", "b")
+        assert b["status"] == "refused" and b["code"] == "rate_limited"
+        assert "1 requests a minute" in b["reason"]
+        csr = x509util.make_csr(x509util.generate_key(), f"spiffe://{TD}/svc/payments", "payments")
+        client.put(keys.csr("payments", "c"), csr)  # another service is not limited by orders
+        assert _answer(client, keys, "payments", "c")["status"] == "issued"
+
+
+def test_ca_rotation_bundle_reaches_sources_then_new_leaves(client, etcd_prefix, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """docs/security.md "Rotating the CA": a two-root bundle first, then leaves of the new root."""
+    from meshlib.identity.authority import init_ca_dir
+
+    old = init_ca_dir(tmp_path / "ca1", TD)
+    new = init_ca_dir(tmp_path / "ca2", TD, also_trust=(old / "bundle.pem").read_bytes())
+    signer = Signer(client, Authority.load(old), prefix=etcd_prefix)
+    assert signer.wait_active(10)
+    source = EtcdIdentitySource(client, "orders", prefix=etcd_prefix, trust_domain=TD)
+    try:
+        assert source.wait_ready(10)
+        first = source.current()
+        bundles: list[bytes] = []
+        two_roots = threading.Event()
+
+        def on_rotation(c: Credentials) -> None:
+            bundles.append(c.trust_bundle_pem)
+            if len(x509util.load_certs(c.trust_bundle_pem)) == 2:
+                two_roots.set()
+
+        source.subscribe(on_rotation)
+        signer.close()
+        signer = Signer(client, Authority.load(new), prefix=etcd_prefix)
+        assert two_roots.wait(10)  # the bundle alone changed: same leaf, both roots
+        assert source.current().cert_chain_pem == first.cert_chain_pem
+        assert verify_svid(first.cert_chain_pem, source.current().trust_bundle_pem)
+        renewed = threading.Event()
+        source.subscribe(lambda c: renewed.set() if c.cert_chain_pem != first.cert_chain_pem else None)
+        source.renew_now()
+        assert renewed.wait(10)
+        leaf = source.current()
+        assert verify_svid(leaf.cert_chain_pem, (new / "ca.crt").read_bytes()) == leaf.spiffe_id
+        with pytest.raises(SvidRejected):  # not from the old root
+            verify_svid(leaf.cert_chain_pem, (old / "ca.crt").read_bytes())
+    finally:
+        source.close()
+        signer.close()
