@@ -34,6 +34,7 @@ from meshlib.shim.admin import AdminHandler
 from meshlib.shim.config import ConfigError, ShimConfig
 from meshlib.shim.frontend import FrontServer, Limits
 from meshlib.shim.outbound import OutboundProxy
+from meshlib.shim.process import tune_gc
 from meshlib.shim.registrar import AppRegistrar
 from meshlib.shim.upstream import UpstreamPool
 
@@ -128,6 +129,7 @@ class Shim:
         log.info("meshlib shim: outbound %s:%d, admin %s:%d%s", cfg.bind, cfg.port, cfg.bind,
                  cfg.admin_port,
                  f", inbound {cfg.bind}:{cfg.inbound_port}" if cfg.inbound_port else "")
+        tune_gc()
 
     def request_shutdown(self, why: str = "") -> None:
         """Start the drain (safe from signal handlers on the loop); asked again while

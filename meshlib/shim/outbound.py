@@ -530,7 +530,7 @@ class OutboundProxy:
         # hold the head back for one write with the body only when body bytes are already here
         resp.start(up.status, headers, length, hold=reader.done or bool(up.conn.buf))
         try:
-            async for chunk in up.body():
+            while (chunk := await up.next_chunk()) is not None:
                 await resp.write(chunk)
         except (httpx.TransportError, OSError) as exc:
             log.info("upstream response body failed mid-stream: %s", exc)

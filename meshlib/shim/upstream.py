@@ -206,16 +206,22 @@ class UpstreamResponse:
     def has_body(self) -> bool:
         return not self.reader.done
 
-    async def body(self) -> AsyncIterator[bytes]:
+    async def next_chunk(self) -> bytes | None:
+        """The next decoded body chunk, or None at the end. A plain coroutine: the hot path
+        (``outbound._relay``) avoids an async generator per response (the loop registers
+        every async generator in a WeakSet and finalizes it)."""
         conn, reader = self.conn, self.reader
         while True:
             item = reader.next(conn.buf, conn.eof)
             if item is END:
-                return
-            if item is NEED_DATA:
-                await conn.fill(self.read_timeout)
-                continue
-            yield item  # type: ignore[misc]
+                return None
+            if item is not NEED_DATA:
+                return item  # type: ignore[return-value]
+            await conn.fill(self.read_timeout)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
 
     def release(self) -> None:
         if self.released:
