@@ -30,13 +30,12 @@ One source for every rule: the loop below calls the home method of every decisio
 (``HealthRegistry.admit`` / ``record``, ``LoadStats.start`` / ``finish``,
 ``CallState.begin_attempt``, ``Deadline.per_try``, ``RetryPolicy.decide_after``,
 ``DestinationState.acquire`` / ``release``, :func:`meshlib.core.steps.choose`), except in
-four shortcuts of the common case (one attempt that succeeds), marked S1-S4 below and in
+three shortcuts of the common case (one attempt that succeeds), marked S1-S3 below and in
 ``steps.choose``: S1 a closed breaker admits, S2 load counts without latency tracking, S3 an
-admitted success on a quiet slot records nothing and finishes, S4 the ``CallState`` is made
-when a first attempt fails. Together they save ~0.8 us of a ~2.7 us plan (a warm
-dummy-endpoint loop; ~1 % of a local gRPC call in ``bench/grpc_overhead.py``), and
-``tests/unit/test_core_call_differential.py`` holds each to its home method (docs/design.md,
-sections 9 and 14, "the inlining rule").
+admitted success on a quiet slot records nothing and finishes. Together they save ~0.4 us of
+a ~2.3 us warm plan, ~1 % of a local gRPC call in ``bench/grpc_overhead.py`` (cold caches),
+and ``tests/unit/test_core_call_differential.py`` holds each to its home method
+(docs/design.md, sections 9 and 14, "the inlining rule").
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ from meshlib.core.health import ADMIT
 from meshlib.core.hedged import run_hedged
 from meshlib.core.outcome import Outcome
 from meshlib.core.retry import FINISH, CallState, Fail, Retry, is_idempotent
-from meshlib.core.steps import EMPTY, choose, report
+from meshlib.core.steps import choose, report
 
 __all__ = [
     "HEDGE",
@@ -149,36 +148,28 @@ def run_call(
             idempotent = is_idempotent(
                 method, has_idempotency_key is not None and method not in retry.methods
                 and has_idempotency_key(), retry)
-        dl = retry.deposit_and_deadline(t, deadline)
+        state = CallState(retry.deposit_and_deadline(t, deadline), idempotent, replayable, grpc)
         if plan.hedging and not grpc and idempotent and replayable and len(candidates_all) > 1:
-            return (yield from cast(CallGen, run_hedged(
-                dest, plan, CallState(dl, idempotent, replayable, grpc), candidates_all,
-                hash_key, observer, t)))
+            return (yield from cast(CallGen, run_hedged(dest, plan, state, candidates_all,
+                                                        hash_key, observer, t)))
         # The plain attempt loop: pick, admit, attempt, record, decide.
         health = dest.health
         stats = dest.stats
         health_slots = health.slots
         load_slots = stats.slots
+        dl = state.deadline
         per_try = retry.per_try_timeout  # RetryPolicy.attempt_timeout is dl.per_try(t, this)
         result: AttemptResult | None = None
-        # Shortcut S4: the CallState is made when a first attempt fails. Until then it would
-        # hold its initial values (nothing tried, attempt 0 -> 1), which ``tried`` and ``n``
-        # stand for; the first attempt is then recorded with ``begin_attempt`` like any.
-        state: CallState | None = None
-        tried: set[str] | frozenset[str] = EMPTY
-        n = 0
         while True:
             if dl.expired(t):
-                return deadline_end(service, result, n)
-            ep, admission = choose(plan, health, candidates_all, tried, hash_key, t)
+                return deadline_end(service, result, state.attempt)
+            ep, admission = choose(plan, health, candidates_all, state.tried, hash_key, t)
             if ep is None:
-                return unusable_end(service, result, n, len(candidates_all), admission)
+                return unusable_end(service, result, state.attempt, len(candidates_all),
+                                    admission)
             key = ep.key
-            if state is None:
-                n = 1
-            else:
-                state.begin_attempt(key)
-                n = state.attempt
+            state.begin_attempt(key)
+            n = state.attempt
             # Shortcut S2 (docs/design.md 9): LoadStats.start without its frame when no
             # balancer reads latency; held to LoadStats by test_core_call_differential.py.
             ls = load_slots.get(key)
@@ -215,16 +206,12 @@ def run_call(
             events = health.record(ep, outcome, admission, t)
             if events:
                 report(dest, observer, events)
-            if state is None:  # S4: the first attempt failed
-                state = CallState(dl, idempotent, replayable, grpc)
-                state.begin_attempt(key)
             d = retry.decide_after(state, result, t)
             if d is FINISH:
                 return ended(service, result, n, dl, t)
             if isinstance(d, Fail):
                 observer.stopped(d.reason)
                 return ended(service, result, n, dl, t, d.reason)
-            tried = state.tried
             observer.retry(outcome.value)
             delay = cast(Retry, d).delay_s
             if delay > 0:

@@ -13,8 +13,7 @@ leave identical health, load and budget state while every attempt runs and after
 
 The shortcuts ``run_call`` keeps for the common case (docs/design.md 9: S1 admission of a
 closed breaker, S2 load counts without latency tracking, S3 an admitted success on a quiet
-slot, S4 the ``CallState`` made when a first attempt fails) are each exercised here in both
-directions: policies with and without breakers and latency tracking (``peak_ewma``), HTTP and
+slot) are each exercised here in both directions: policies with and without breakers and latency tracking (``peak_ewma``), HTTP and
 gRPC calls (``grpc=True``: every status retried on ``grpc_retry_on``, committed results,
 pushback), one endpoint and four, with and without a caller's deadline.
 """
