@@ -68,7 +68,7 @@ class _AioCallBase(CallDriver):
         self._done = False
         self._value: Any = None
         self._exc: BaseException | None = None
-        self._callbacks: list[Any] = []
+        self._callbacks: list[Any] | None = None  # made by the first add_done_callback
         self._act(self.advance(None))
 
     def _act(self, action: Any) -> None:
@@ -112,8 +112,8 @@ class _AioCallBase(CallDriver):
             self._fire()
 
     def _fire(self) -> None:
-        callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
+        callbacks, self._callbacks = self._callbacks, None
+        for cb in callbacks or ():
             cb(self)
 
     async def _ensure_started(self) -> None:
@@ -143,6 +143,8 @@ class _AioCallBase(CallDriver):
         if self._done:
             callback(self)
         else:
+            if self._callbacks is None:
+                self._callbacks = []
             self._callbacks.append(callback)
 
     async def _settle(self) -> Any:
