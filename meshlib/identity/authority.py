@@ -16,7 +16,6 @@ import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 
@@ -90,22 +89,12 @@ class Authority:
             x509util.load_certs(bundle)
         except ValueError as e:
             raise CAFilesError(f"CA directory {d}: {e}") from e
-        if _spki(key.public_key()) != _spki(cert.public_key()):
+        if not x509util.same_public_key(key.public_key(), cert.public_key()):
             raise CAFilesError(f"CA directory {d}: ca.key does not belong to ca.crt")
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         if not bc.ca:
             raise CAFilesError(f"CA directory {d}: ca.crt is not a CA certificate (basicConstraints CA=false)")
         return cls(cert=cert, key=key, chain=tuple(chain), bundle_pem=bundle, trust_domain=trust_domain)
-
-
-def _spki(public_key: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return bytes(
-        public_key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:

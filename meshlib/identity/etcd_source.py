@@ -274,10 +274,7 @@ class EtcdIdentitySource:
             raise ValueError(f"no trust bundle at {self.keys.bundle} yet")
         certs = x509util.load_certs(chain)
         leaf: x509.Certificate = certs[0]
-        from cryptography.hazmat.primitives import serialization
-
-        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        if not x509util.same_public_key(leaf.public_key(), key.public_key()):
             raise ValueError("the certificate is not for the key this process made")
         verify_svid(certs, bundle, expected_spiffe_id=self.spiffe_id)
         return Credentials(

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -173,6 +174,12 @@ def issue_leaf(
         )
         .sign(ca_key, _hash_for(ca_key))
     )
+
+
+def same_public_key(a: Any, b: Any) -> bool:
+    """Whether two public keys (of a key, certificate or CSR) are the same key (by SPKI DER)."""
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bool(a.public_bytes(*fmt) == b.public_bytes(*fmt))
 
 
 def uri_sans(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:

@@ -194,6 +194,7 @@ class Scenario:
         self.threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
         self.calls = 0
+        self.identity_parts: list[Any] = []
 
     def _put_policy(self, service: str, policy: dict[str, Any] | bytes) -> None:
         value = policy if isinstance(policy, bytes) else json.dumps(policy).encode()
@@ -237,6 +238,7 @@ class Scenario:
             assert time.monotonic() < until, "the scenario's policies never reached the mesh"
             time.sleep(0.01)
         self._one_shot_events(gport)
+        self._identity()
         t = threading.Thread(target=self._traffic, daemon=True)
         t.start()
         self.threads.append(t)
@@ -263,6 +265,18 @@ class Scenario:
             with pytest.raises(grpc.RpcError) as err:
                 pb_grpc.TestServiceStub(raw).UnaryCall(pb.SimpleRequest())
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    def _identity(self) -> None:
+        """A signer and a process with an identity: certificate expiry, requests, signer."""
+        from meshlib.identity.etcd_source import EtcdIdentitySource
+        from meshlib.identity.signer import Signer
+        from meshlib.identity.testing import TestCA
+
+        signer = Signer(self.srv.client, TestCA().authority, prefix=self.srv.layout.prefix)
+        self.identity_parts.append(signer)
+        source = EtcdIdentitySource(self.cli.client, "checkout", prefix=self.cli.layout.prefix)
+        self.identity_parts.append(source)
+        assert source.wait_ready(10), source.last_error
 
     def _traffic(self) -> None:
         """Steady traffic while Prometheus scrapes: 200s, 404s, 503s, RPCs OK, NOT_FOUND and
@@ -305,6 +319,8 @@ class Scenario:
             server.server_close()
         if self.grpc_server is not None:
             self.grpc_server.stop(None)
+        for part in reversed(self.identity_parts):
+            part.close()
         self.cli.close()
         self.srv.close()
 
@@ -439,6 +455,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             "rpc client error": f'rpc_client_call_duration_seconds_count{{server_address="{LEDGER}", '
                                 f'rpc_response_status_code="NOT_FOUND"}}',
             "etcd connected": "meshlib_etcd_connected",
+            "certificate": 'meshlib_identity_cert_expiry_seconds{service="checkout"}',
+            "signed": 'meshlib_signer_requests_total{service="checkout", result="issued"}',
+            "signer active": "meshlib_signer_active",
         }
         exprs = queries(dash)
         assert len(exprs) >= 30
