@@ -29,7 +29,6 @@ import signal
 import time
 from typing import Any
 
-from meshlib.identity.readiness import identity_problems
 from meshlib.shim.admin import AdminHandler
 from meshlib.shim.config import ConfigError, ShimConfig
 from meshlib.shim.frontend import FrontServer, Limits
@@ -184,7 +183,11 @@ class Shim:
             return missing
         if not mesh.connected and not mesh.store.services():
             missing.append("etcd not reachable and no snapshot loaded")
-        missing.extend(identity_problems(getattr(mesh, "identity", None)))
+        identity = getattr(mesh, "identity", None)
+        if identity is not None:  # cryptography (~12 MB RSS) is imported only when used
+            from meshlib.identity.readiness import identity_problems
+
+            missing.extend(identity_problems(identity))
         reg = self.registrar
         if reg is not None and not reg.registered:
             missing.append(f"app {self.config.service!r} not registered (last health check: "

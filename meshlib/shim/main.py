@@ -104,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshlib shim: {exc.name} is not installed: pip install 'meshlib[shim]'",
               file=sys.stderr)
         return 2
+    from meshlib.shim.process import skip_unused_imports
+
+    skip_unused_imports()
     from meshlib.shim.app import Shim
 
     ignore_proxy_environment()
