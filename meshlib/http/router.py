@@ -85,13 +85,14 @@ class Router:
                 )
             return None
         if request.url.raw_scheme != b"http":
-            # mesh endpoints are reached over plain HTTP/1.1: never send an https:// request
-            # in clear text while the caller believes it is encrypted
+            # the mesh, not the URL, decides TLS (mtls.mode): an https:// URL would promise
+            # encryption that the policy may not give
             service = cast(Route, dest).service
             raise UnsupportedSchemeError(
                 f"{request.url.scheme}://{request.url.host}/: mesh service "
-                f"{service!r} is reached over plain HTTP only (use "
-                f"http://{request.url.host}/...; TLS to mesh endpoints is not supported)",
+                f"{service!r} is reached over plain HTTP in the URL (use "
+                f"http://{request.url.host}/...; whether the connection uses mesh mTLS is "
+                "the policy's mtls.mode, docs/mtls.md)",
                 service=service, request=request,
             )
         return cast(Route, dest)

@@ -581,7 +581,7 @@ def test_passthrough_false_refuses_non_mesh_hosts(mesh, fleet, kind):
 def test_https_to_a_mesh_service_is_refused_not_sent_in_clear(mesh, fleet, client):
     up = fleet.add("a")
     wait_endpoints(mesh, SVC, 1)
-    with pytest.raises(UnsupportedSchemeError, match=f"'{SVC}' is reached over plain HTTP"):
+    with pytest.raises(UnsupportedSchemeError, match=f"'{SVC}' is reached over plain HTTP in the URL"):
         client.request("GET", f"https://{SVC}/secret")
     assert up.count == 0
     assert client.request("GET", f"http://{SVC}:9999/x").text == "a"  # URL port: ignored
