@@ -174,8 +174,23 @@ class ClientTLS(_Rotating):
     SPIFFE ID expected of each destination service (same trust domain as our own)."""
 
     def __init__(self, source: Any) -> None:
-        super().__init__(source, client_context)
         self._expected: dict[str, str] = {}
+        self._targets: dict[str, tuple[ssl.SSLContext, str]] = {}
+        super().__init__(source, client_context)
+
+    def _rotated(self, creds: Any) -> None:
+        super()._rotated(creds)
+        self._targets = {}  # published after the new context (see target())
+
+    def target(self, service: str) -> tuple[ssl.SSLContext, str]:
+        """``(newest context, expected SPIFFE ID)`` of ``service``, cached until the next
+        rotation. The cache dict is replaced after the context is: a reader holding the new
+        dict can only have read the new context."""
+        targets = self._targets
+        t = targets.get(service)
+        if t is None:
+            t = targets[service] = (self.context, self.expected(service))
+        return t
 
     def expected(self, service: str) -> str:
         """``spiffe://<our trust domain>/svc/<service>`` (cached per service)."""

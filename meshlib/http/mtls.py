@@ -39,4 +39,4 @@ def tls_target(client: ClientTLS | None, route: Any, ep: Endpoint) -> TLSTarget 
         count_refusal("client", exc.reason)
         raise httpx.ConnectError(f"service {route.service!r}: {exc}") from None
     assert client is not None
-    return client.context, client.expected(route.service)
+    return client.target(route.service)

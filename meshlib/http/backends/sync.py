@@ -55,7 +55,7 @@ def close_unread(value: Any) -> None:
 class SyncConnection:
     """One HTTP/1.1 connection over a blocking socket."""
 
-    __slots__ = ("sock", "key", "buf", "eof", "reusable", "timeout", "tls")
+    __slots__ = ("sock", "key", "buf", "eof", "reusable", "timeout", "tls", "poller")
 
     def __init__(self, sock: socket.socket, key: Key, timeout: float | None) -> None:
         self.sock = sock
@@ -65,6 +65,7 @@ class SyncConnection:
         self.reusable = True
         self.timeout = timeout  # the socket's current timeout
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self.poller: Any = None  # select.poll of a TLS socket, made on first reuse
 
     def _settimeout(self, timeout: float | None) -> None:
         if timeout != self.timeout:
@@ -97,8 +98,10 @@ class SyncConnection:
         ticket (still usable), anything else (EOF, alert, data) is not."""
         sock = self.sock
         if not sock.pending():  # type: ignore[attr-defined]  # an SSLSocket here
-            poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN)
+            poller = self.poller
+            if poller is None:
+                poller = self.poller = select.poll()
+                poller.register(sock.fileno(), select.POLLIN)
             if not poller.poll(0):
                 return True
         self._settimeout(0.0)
