@@ -45,6 +45,7 @@ from meshlib.core.destination import DestinationState
 from meshlib.core.outcome import GRPC_TO_HTTP, Outcome, classify_grpc
 from meshlib.core.retry import PUSHBACK_HEADER, parse_pushback_ms
 from meshlib.grpc.errors import code_from_name, mesh_error
+from meshlib.grpc.mtls import count_tls_refusal
 from meshlib.telemetry.recorders import split_full_method
 from meshlib.telemetry.tracing import NOOP_CALL, start_rpc_call
 
@@ -52,6 +53,7 @@ CALLER_KEY = "x-mesh-caller"
 PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
 
 _SUCCESS = Outcome.SUCCESS
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 #: grpc.StatusCode -> (canonical name, outcome, HTTP status): one dict lookup per result.
 _INFO: dict[grpc.StatusCode, tuple[str, Outcome, int]] = {
     c: (c.name, classify_grpc(c.name), GRPC_TO_HTTP.get(c.name, 500)) for c in grpc.StatusCode
@@ -75,6 +77,8 @@ def result_from_error(err: Any, committed: bool | None = None) -> AttemptResult:
         return AttemptResult(outcome, status, err)
     pushback = None
     if outcome is not _SUCCESS:
+        if code is _UNAVAILABLE:
+            count_tls_refusal(err)  # mesh mTLS refusals, counted by reason (meshlib.grpc.mtls)
         trailing = err.trailing_metadata()
         if trailing:
             for k, v in trailing:

@@ -24,6 +24,7 @@ from meshlib.identity.testing import TestCA
 from meshlib.mesh import Mesh
 from meshlib.server import MeshServerInterceptor
 from meshlib.server.tls import grpc_server_credentials
+from meshlib.telemetry.metrics import MTLS_REFUSED
 
 STRICT = {"mtls": {"mode": "strict"}}
 
@@ -180,7 +181,12 @@ def test_ca_rotation_with_overlapping_bundle_fails_no_call(mesh: Mesh, ca: TestC
     assert counts[0] > 10 and counts[1] > 10
 
 
+def refused(reason: str) -> float:
+    return MTLS_REFUSED.labels("client", reason)._value.get()  # type: ignore[no-any-return]
+
+
 def test_certificate_of_another_service_is_refused(mesh: Mesh, ca: TestCA) -> None:
+    before = refused("wrong_identity")
     with TLSGrpcServer(StaticIdentitySource(ca.issue("billing")), mesh) as srv:
         serve(mesh, srv, "orders-gimp", {**STRICT, "retries": {"attempts": 1}})
         with MeshChannel(mesh, "orders",
@@ -188,9 +194,12 @@ def test_certificate_of_another_service_is_refused(mesh: Mesh, ca: TestCA) -> No
             with pytest.raises(grpc.RpcError) as info:
                 call(ch)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Hostname Verification Check failed" in str(info.value.details())
+    assert refused("wrong_identity") == before + 1
 
 
 def test_expired_server_certificate_is_refused(mesh: Mesh, ca: TestCA) -> None:
+    before = refused("handshake")
     old = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
     with TLSGrpcServer(StaticIdentitySource(ca.issue("orders", now=old)), mesh) as srv:
         serve(mesh, srv, "orders-gexp", {**STRICT, "retries": {"attempts": 1}})
@@ -199,6 +208,7 @@ def test_expired_server_certificate_is_refused(mesh: Mesh, ca: TestCA) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 call(ch)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert refused("handshake") == before + 1, info.value.details()
 
 
 def test_access_policy_by_verified_identity_ignores_forged_caller(

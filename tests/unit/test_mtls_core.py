@@ -79,3 +79,18 @@ def test_policy_mtls_mode() -> None:
     assert parse_policy("mtls: {mode: STRICT}", "k").mtls.mode == "strict"
     with pytest.raises(PolicyError, match="mtls.mode"):
         parse_policy("mtls: {mode: required}", "k")
+
+
+def test_grpc_refusal_reasons_from_grpc_core_texts() -> None:
+    from meshlib.grpc.mtls import tls_refusal_reason
+
+    assert tls_refusal_reason(
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Custom "
+        "verification check failed with error: UNAUTHENTICATED: Hostname Verification Check "
+        "failed.") == WRONG_IDENTITY
+    assert tls_refusal_reason("failed to connect to all addresses; last error: UNAVAILABLE: "
+                              "ipv4:127.0.0.1:1: Ssl handshake failed (TSI_PROTOCOL_FAILURE): "
+                              "SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED") == "handshake"
+    assert tls_refusal_reason("failed to connect to all addresses; last error: UNAVAILABLE: "
+                              "ipv4:127.0.0.1:1: Connection refused") is None
+    assert tls_refusal_reason(None) is None
