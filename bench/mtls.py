@@ -36,6 +36,7 @@ from concurrent import futures
 
 import harness  # noqa: F401 - puts the checkout's meshlib first on sys.path
 from harness import etcd_server, interleave, print_paired, print_ratio_line, report, timed
+from upstream import _wait as wait_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -141,19 +142,6 @@ class _Servicer(pb_grpc.TestServiceServicer):
         return pb.SimpleResponse(server_id="x")
 
 
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"responder on port {port} did not start")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=60)
@@ -176,8 +164,8 @@ def main() -> int:
         "127.0.0.1:0", grpc_server_credentials(StaticIdentitySource(ca.issue("grpc-tls"))))
     server.start()
     try:
-        _wait_port(plain_port)
-        _wait_port(tls_port)
+        wait_port(plain_port, tmp / "responder.log")
+        wait_port(tls_port, tmp / "responder.log")
         strict = json.dumps({"mtls": {"mode": "strict"}}).encode()
         with etcd_server() as etcd, Mesh(etcd.endpoint, prefix="/meshlib-bench/v1",
                                          handle_sigterm=False) as mesh:

@@ -65,3 +65,23 @@ class TLSUvicorn:
 
 def source_for(ca: TestCA, service: str, **kw: Any) -> StaticIdentitySource:
     return StaticIdentitySource(ca.issue(service, **kw))
+
+
+def rotate_ca(server_src: Any, client_src: Any, ca2: TestCA, old_bundle: bytes,
+              server: str, client: str, pause: float) -> None:
+    """A CA rotation with an overlapping bundle, one step every ``pause`` seconds (each step is
+    a rotation of one or both sources): 1. both trust both roots, leaves still from the old CA;
+    2. leaves from the new CA, one side at a time; 3. the old root leaves the bundle."""
+    both = old_bundle + ca2.bundle_pem
+    steps = [
+        lambda: (server_src.set(server_src.current().with_trust_bundle(both)),
+                 client_src.set(client_src.current().with_trust_bundle(both))),
+        lambda: server_src.set(ca2.issue(server, trust_bundle_pem=both)),
+        lambda: client_src.set(ca2.issue(client, trust_bundle_pem=both)),
+        lambda: (server_src.set(server_src.current().with_trust_bundle(ca2.bundle_pem)),
+                 client_src.set(client_src.current().with_trust_bundle(ca2.bundle_pem))),
+    ]
+    for step in steps:
+        time.sleep(pause)
+        step()
+    time.sleep(pause)

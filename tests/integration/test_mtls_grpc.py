@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_servers import pb, pb_grpc
 from http_servers import set_policy, wait_endpoints
+from mtls_helpers import rotate_ca
 
 from meshlib.grpc import AioMeshChannel, MeshChannel
 from meshlib.identity import StaticIdentitySource
@@ -153,7 +154,6 @@ def test_client_without_identity_refused_in_strict(mesh: Mesh, orders: TLSGrpcSe
 
 def test_ca_rotation_with_overlapping_bundle_fails_no_call(mesh: Mesh, ca: TestCA) -> None:
     ca2 = TestCA()
-    both = ca.bundle_pem + ca2.bundle_pem
     server_src = StaticIdentitySource(ca.issue("orders"))
     client_src = StaticIdentitySource(ca.issue("gateway"))
     failures: list[BaseException] = []
@@ -162,18 +162,7 @@ def test_ca_rotation_with_overlapping_bundle_fails_no_call(mesh: Mesh, ca: TestC
     with TLSGrpcServer(server_src, mesh) as srv:
         serve(mesh, srv, "orders-gca")
         threads = _load(mesh, client_src, stop, failures, counts)
-        steps = [
-            lambda: (server_src.set(server_src.current().with_trust_bundle(both)),
-                     client_src.set(client_src.current().with_trust_bundle(both))),
-            lambda: server_src.set(ca2.issue("orders", trust_bundle_pem=both)),
-            lambda: client_src.set(ca2.issue("gateway", trust_bundle_pem=both)),
-            lambda: (server_src.set(server_src.current().with_trust_bundle(ca2.bundle_pem)),
-                     client_src.set(client_src.current().with_trust_bundle(ca2.bundle_pem))),
-        ]
-        for step in steps:
-            time.sleep(0.5)
-            step()
-        time.sleep(0.5)
+        rotate_ca(server_src, client_src, ca2, ca.bundle_pem, "orders", "gateway", 0.5)
         stop.set()
         for t in threads:
             t.join(20)

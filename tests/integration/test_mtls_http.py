@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from http_servers import set_policy, wait_endpoints
-from mtls_helpers import TLSUvicorn, source_for
+from mtls_helpers import TLSUvicorn, rotate_ca, source_for
 
 from meshlib.http import AsyncMeshTransport, MeshTransport
 from meshlib.identity import StaticIdentitySource
@@ -132,7 +132,6 @@ def test_rotation_under_continuous_traffic_fails_no_call(
 
 def test_ca_rotation_with_overlapping_bundle_fails_no_call(mesh: Mesh, ca: TestCA) -> None:
     ca2 = TestCA()
-    both = ca.bundle_pem + ca2.bundle_pem
     server_src = source_for(ca, "orders")
     client_src = source_for(ca, "gateway")
     failures: list[BaseException] = []
@@ -153,21 +152,7 @@ def test_ca_rotation_with_overlapping_bundle_fails_no_call(mesh: Mesh, ca: TestC
 
         t = threading.Thread(target=loop)
         t.start()
-        steps = [
-            # 1. both trust both roots, leaves still from the old CA
-            lambda: (server_src.set(server_src.current().with_trust_bundle(both)),
-                     client_src.set(client_src.current().with_trust_bundle(both))),
-            # 2. leaves from the new CA, one side at a time
-            lambda: server_src.set(ca2.issue("orders", trust_bundle_pem=both)),
-            lambda: client_src.set(ca2.issue("gateway", trust_bundle_pem=both)),
-            # 3. the old root leaves the bundle
-            lambda: (server_src.set(server_src.current().with_trust_bundle(ca2.bundle_pem)),
-                     client_src.set(client_src.current().with_trust_bundle(ca2.bundle_pem))),
-        ]
-        for step in steps:
-            time.sleep(0.4)
-            step()
-        time.sleep(0.4)
+        rotate_ca(server_src, client_src, ca2, ca.bundle_pem, "orders", "gateway", 0.4)
         stop.set()
         t.join(20)
     assert not failures, failures[:3]
