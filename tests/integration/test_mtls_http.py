@@ -268,3 +268,32 @@ def test_end_to_end_with_signer_renewals_under_traffic(etcd_server: Any, etcd_pr
             assert min(rotations) >= 2, rotations
             assert not failures, failures[:3]
             assert calls > 50
+
+
+@pytest.mark.filterwarnings("ignore:Uvicorn's native WSGI implementation:DeprecationWarning")
+def test_wsgi_app_under_uvicorn_gets_the_verified_caller(mesh: Mesh, ca: TestCA) -> None:
+    """A WSGI app (Flask) served by uvicorn through its WSGI adapter, with the mesh middleware
+    at the ASGI level in front: same mTLS, same strict mode, same access policy."""
+    from flask import Flask, request
+    from uvicorn.middleware.wsgi import WSGIMiddleware
+
+    flask_app = Flask("wsgi-mtls")
+
+    @flask_app.get("/")
+    def index() -> str:
+        return f"wsgi caller-header={request.headers.get('x-mesh-caller')}"
+
+    with TLSUvicorn(source_for(ca, "orders"), mesh, "orders",
+                    app=WSGIMiddleware(flask_app)) as srv:  # type: ignore[arg-type]
+        mesh.register("orders", srv.port, instance_id="orders-wsgi", tls=True)
+        wait_endpoints(mesh, "orders", 1)
+        set_policy(mesh, "orders", {**STRICT, "access": {"allow": ["gateway"]}})
+        with client(mesh, source_for(ca, "gateway")) as http:
+            assert http.get("http://orders/").text.startswith("wsgi")
+        with client(mesh, source_for(ca, "intruder")) as http:
+            assert http.get("http://orders/",
+                            headers={"x-mesh-caller": "gateway"}).status_code == 403
+        bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        bare.check_hostname = False
+        bare.load_verify_locations(cadata=ca.bundle_pem.decode())
+        assert b"mtls_required" in _raw_get(srv.port, bare, "gateway")
