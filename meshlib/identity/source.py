@@ -15,13 +15,15 @@ from the signer through etcd, renewed at about half its lifetime).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
 Callback = Callable[["Credentials"], None]
+log = logging.getLogger("meshlib.identity")
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,10 @@ class Credentials:
 
     def seconds_until_expiry(self, now: datetime | None = None) -> float:
         """Seconds until ``not_after`` (negative once expired)."""
-        from datetime import UTC
-
         return (self.not_after - (now or datetime.now(UTC))).total_seconds()
 
     def with_trust_bundle(self, trust_bundle_pem: bytes) -> Credentials:
         """The same leaf with another trust bundle (a CA rotation changes only the bundle)."""
-        from dataclasses import replace
-
         return replace(self, trust_bundle_pem=trust_bundle_pem)
 
 
@@ -102,15 +100,13 @@ class SubscriberList:
         return unsubscribe
 
     def notify(self, credentials: Credentials) -> None:
-        import logging
-
         with self._lock:
             callbacks = list(self._callbacks)
         for callback in callbacks:
             try:
                 callback(credentials)
             except Exception:  # a faulty subscriber must not stop rotation for the others
-                logging.getLogger("meshlib.identity").exception(
+                log.exception(
                     "identity subscriber %r failed on rotation", callback
                 )
 

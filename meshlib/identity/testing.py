@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from cryptography import x509
+
 from meshlib.identity import x509util
 from meshlib.identity.authority import Authority, init_ca_dir
 from meshlib.identity.source import Credentials
@@ -58,8 +60,6 @@ class TestCA:
         """Fresh key + leaf for ``service``; ``now`` in the past makes an expired certificate."""
         key = x509util.generate_key()
         csr = x509util.make_csr(key, spiffe_id(self.trust_domain, service), service)
-        from cryptography import x509
-
         chain = self.authority.issue(x509.load_pem_x509_csr(csr), service, lifetime, now=now)
         leaf = x509util.load_certs(chain)[0]
         return Credentials(
