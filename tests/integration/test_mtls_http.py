@@ -297,3 +297,21 @@ def test_wsgi_app_under_uvicorn_gets_the_verified_caller(mesh: Mesh, ca: TestCA)
         bare.check_hostname = False
         bare.load_verify_locations(cadata=ca.bundle_pem.decode())
         assert b"mtls_required" in _raw_get(srv.port, bare, "gateway")
+
+
+def test_hedged_calls_use_mtls_too(mesh: Mesh, ca: TestCA, orders: TLSUvicorn) -> None:
+    """Hedged attempts (thread pool in the sync driver, tasks in the async one) connect with
+    the same TLS target as plain attempts."""
+    set_policy(mesh, "orders", {**STRICT, "retries": {"hedging": {"enabled": True,
+                                                                  "delay": "1ms"}}})
+    src = source_for(ca, "gateway")
+    with client(mesh, src) as http:
+        for _ in range(5):
+            assert http.get("http://orders/").text == "peer=gateway"
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(transport=AsyncMeshTransport(mesh, identity=src),
+                                     trust_env=False) as ah:
+            return [(await ah.get("http://orders/")).text for _ in range(5)]
+
+    assert asyncio.run(run()) == ["peer=gateway"] * 5
