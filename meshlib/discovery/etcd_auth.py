@@ -11,7 +11,9 @@ security model"):
   seconds old (default 240 s, under etcd's default TTL) when a call or a stream starts, and a
   unary call that fails with ``invalid auth token`` or ``auth token is expired`` re-authenticates
   and retries once (:meth:`TokenAuth.invalidate`). A stream (watch, keepalive) is authorised when
-  it is opened; a reopened stream carries a fresh token.
+  it is opened, and etcd refuses later watch creates on it once its token is stale (the watch
+  manager then reopens the stream), so a stream opens with a token at most
+  ``stream_refresh_after`` seconds old (default 10 s): a fresh one after any trouble.
 * **Client certificates (TLS).** ``https://`` endpoints, or any of ``ca_cert``/``cert``/``key``,
   make every channel a TLS channel (``grpc.ssl_channel_credentials``). With
   ``--client-cert-auth`` etcd takes the user name from the certificate's CN when no token is
@@ -57,6 +59,9 @@ class EtcdAuth:
     cert: bytes | None = None
     key: bytes | None = None
     refresh_after: float = 240.0
+    #: a stream (re)opened with an older token gets a fresh one first; streams open at start
+    #: and after failures only, and the watch manager's reopen backoff (<= 1 s) bounds the rate
+    stream_refresh_after: float = 10.0
 
     def __post_init__(self) -> None:
         if (self.user is None) != (self.password is None):
@@ -122,20 +127,24 @@ class TokenAuth:
     """Holds the current token for one user; fetched and refreshed through ``raw_channel``."""
 
     def __init__(self, raw_channel: grpc.Channel, user: str, password: str, refresh_after: float,
-                 timeout: float) -> None:
+                 timeout: float, stream_refresh_after: float = 10.0) -> None:
         self._stub = rpc_pb2_grpc.AuthStub(raw_channel)
         self._user = user
         self._password = password
         self._refresh_after = refresh_after
+        self.stream_refresh_after = stream_refresh_after
         self._timeout = timeout
         self._lock = threading.Lock()
         self._token: str | None = None
         self._at = 0.0
         self.authentications = 0
 
-    def token(self) -> str:
+    def token(self, max_age: float | None = None) -> str:
+        """The current token, fetched again when none, or older than ``max_age`` (default
+        ``refresh_after``)."""
+        limit = self._refresh_after if max_age is None else min(max_age, self._refresh_after)
         with self._lock:
-            if self._token is None or time.monotonic() - self._at > self._refresh_after:
+            if self._token is None or time.monotonic() - self._at > limit:
                 self._authenticate()
             assert self._token is not None
             return self._token
@@ -188,8 +197,10 @@ class TokenInterceptor(
     def __init__(self, auth: TokenAuth) -> None:
         self._auth = auth
 
-    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        metadata = [*(d.metadata or ()), ("token", self._auth.token())]
+    def _details(
+        self, d: grpc.ClientCallDetails, max_age: float | None = None
+    ) -> grpc.ClientCallDetails:
+        metadata = [*(d.metadata or ()), ("token", self._auth.token(max_age))]
         return _CallDetails(
             d.method, d.timeout, metadata, d.credentials,
             getattr(d, "wait_for_ready", None), getattr(d, "compression", None),
@@ -205,7 +216,10 @@ class TokenInterceptor(
         return continuation(self._details(details), request_iterator)
 
     def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(self._details(details), request_iterator)
+        # Watch and LeaseKeepAlive: long-lived, authorised by the token they open with
+        return continuation(
+            self._details(details, self._auth.stream_refresh_after), request_iterator
+        )
 
 
 def is_token_error(e: grpc.RpcError) -> bool:

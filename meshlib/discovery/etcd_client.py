@@ -334,7 +334,8 @@ class EtcdClient:
             return raw
         if self._token_auth is None:
             self._token_auth = TokenAuth(
-                raw, self.auth.user, self.auth.password, self.auth.refresh_after, self.timeout
+                raw, self.auth.user, self.auth.password, self.auth.refresh_after, self.timeout,
+                self.auth.stream_refresh_after,
             )
         return grpc.intercept_channel(raw, TokenInterceptor(self._token_auth))
 

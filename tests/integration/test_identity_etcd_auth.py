@@ -136,3 +136,37 @@ def test_signer_and_sources_with_auth(etcd_auth: EtcdServer, tmp_path: Path) -> 
         signer.close()
         for c in (signer_client, orders_client, payments_client):
             c.close()
+
+
+def test_watch_keeps_working_after_etcd_drops_the_token(etcd_auth: EtcdServer) -> None:
+    """etcd refuses watch creates on a stream whose token it dropped; the watch manager reopens
+    the stream with a fresh token (the new watch's first read re-authenticates; a stream opened
+    with a token older than stream_refresh_after also gets a fresh one) and the watch delivers.
+    Writes go through etcdctl, so no write of this client renews the token."""
+    import threading
+
+    from meshlib.discovery.watch import WatchManager
+
+    auth = EtcdAuth(user="orders", password="orderspw", stream_refresh_after=0.5)
+    with EtcdClient(etcd_auth.endpoint, timeout=3, auth=auth) as c:
+        wm = WatchManager(c)
+        try:
+            first = threading.Event()
+            wm.watch_prefix(f"{PREFIX}/identity/csr/orders/", lambda kvs, r: first.set(),
+                            lambda evs, r: None)
+            assert first.wait(10)
+            assert c._token_auth is not None and c._token_auth.authentications == 1
+            etcd_auth.etcdctl("--user", ROOT, "user", "passwd", "orders", "--interactive=false",
+                              input="orderspw\n")
+            got = threading.Event()
+            wm.watch_prefix(f"{PREFIX}/services/orders/", lambda kvs, r: None,
+                            lambda evs, r: got.set())
+            deadline = time.monotonic() + 15
+            while not got.is_set():
+                assert time.monotonic() < deadline, "watch never delivered after the token change"
+                etcd_auth.etcdctl("--user", ROOT, "put", f"{PREFIX}/services/orders/x", "1")
+                got.wait(0.3)
+            assert c._token_auth.authentications >= 2
+            assert wm.streams_opened >= 2  # the refused create reopened the stream
+        finally:
+            wm.close()
