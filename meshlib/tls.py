@@ -130,9 +130,11 @@ def verify_server(ssl_object: Any, expected: str) -> str:
     return sid
 
 
-def peer_identity(ssl_object: Any) -> tuple[str | None, str | None]:
+def peer_identity(ssl_object: Any, trust_domain: str | None = None
+                  ) -> tuple[str | None, str | None]:
     """After a server handshake: ``(spiffe_id, service)`` of the verified client certificate,
-    ``(None, None)`` when the client presented none (or it is not a mesh identity)."""
+    ``(None, None)`` when the client presented none, it is not a mesh identity, or (with
+    ``trust_domain``) it belongs to another trust domain."""
     if ssl_object is None:
         return None, None
     cert = ssl_object.getpeercert()
@@ -141,6 +143,8 @@ def peer_identity(ssl_object: Any) -> tuple[str | None, str | None]:
     try:
         sid = peer_spiffe_id(_uri_sans(cert))
     except MtlsRefused:
+        return None, None
+    if trust_domain is not None and not sid.startswith(f"spiffe://{trust_domain}/"):
         return None, None
     return sid, service_of(sid)
 
@@ -215,6 +219,11 @@ class ServerTLS(_Rotating):
             c, require_client_cert=require_client_cert))
         self.front = server_context(source.current(), require_client_cert=require_client_cert)
         self.front.sni_callback = self._switch
+
+    @property
+    def trust_domain(self) -> str:
+        """The trust domain of this server's own identity (peers must share it)."""
+        return self.spiffe_id[9:].partition("/")[0]
 
     def _switch(self, ssl_object: Any, _server_name: str | None, _ctx: Any) -> None:
         ssl_object.context = self.context

@@ -82,7 +82,9 @@ def _tls_peer(scope: Scope) -> str | None:
     tls = ext.get("tls")
     if not tls:
         return None
-    return tls.get("meshlib.peer_service") or common_name(tls.get("client_cert_name"))
+    if "meshlib.peer_service" in tls:  # meshlib.server.tls: the SPIFFE ID decides, never a CN
+        return tls["meshlib.peer_service"]  # type: ignore[no-any-return]
+    return common_name(tls.get("client_cert_name"))
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:

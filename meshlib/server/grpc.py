@@ -73,11 +73,9 @@ def _tls_peer(context: Any) -> str | None:
     except Exception:  # a context without auth_context (test doubles, odd servers)
         return None
     ids = auth.get("peer_spiffe_id")
-    if ids:
+    if ids:  # a SPIFFE ID decides, never the CN next to it
         sid = ids[0]
-        service = service_of(sid.decode() if isinstance(sid, bytes) else str(sid))
-        if service:
-            return service
+        return service_of(sid.decode() if isinstance(sid, bytes) else str(sid))
     names = auth.get("x509_common_name")
     if not names:
         return None

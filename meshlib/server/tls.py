@@ -30,9 +30,10 @@ __all__ = ["ServerTLS", "grpc_server_credentials", "tls_extension", "uvicorn_con
            "uvicorn_protocol"]
 
 
-def tls_extension(ssl_object: Any) -> dict[str, Any]:
-    """The ASGI TLS extension of one connection, plus the verified mesh identity."""
-    sid, service = peer_identity(ssl_object)
+def tls_extension(ssl_object: Any, trust_domain: str | None = None) -> dict[str, Any]:
+    """The ASGI TLS extension of one connection, plus the verified mesh identity (of
+    ``trust_domain`` when given)."""
+    sid, service = peer_identity(ssl_object, trust_domain)
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     cn = None
     if cert:
@@ -54,10 +55,11 @@ def tls_extension(ssl_object: Any) -> dict[str, Any]:
     }
 
 
-def uvicorn_protocol(base: type | None = None) -> type:
+def uvicorn_protocol(base: type | None = None, tls: ServerTLS | None = None) -> type:
     """A uvicorn HTTP protocol class (``uvicorn.Config(http=...)``) that adds the verified
     peer to each request's scope (see the module docstring). ``base``: the uvicorn protocol
-    to extend (default ``H11Protocol``)."""
+    to extend (default ``H11Protocol``); ``tls``: the server's ``ServerTLS``, whose trust
+    domain a peer must belong to."""
     if base is None:
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -69,7 +71,7 @@ def uvicorn_protocol(base: type | None = None) -> type:
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is None:
                 return
-            ext = tls_extension(ssl_object)
+            ext = tls_extension(ssl_object, None if tls is None else tls.trust_domain)
             app: Any = getattr(self, "app")  # noqa: B009 (uvicorn sets it in __init__)
 
             async def with_tls(scope: Any, receive: Any, send: Any) -> None:
@@ -89,7 +91,7 @@ def uvicorn_config(app: Any, tls: ServerTLS, **kwargs: Any) -> Any:
     peer in the scope). ``kwargs`` go to ``uvicorn.Config`` (host, port, log_level...)."""
     import uvicorn
 
-    kwargs.setdefault("http", uvicorn_protocol())
+    kwargs.setdefault("http", uvicorn_protocol(tls=tls))
     return uvicorn.Config(app, ssl_context_factory=tls.uvicorn_ssl_context_factory, **kwargs)
 
 

@@ -315,3 +315,19 @@ def test_hedged_calls_use_mtls_too(mesh: Mesh, ca: TestCA, orders: TLSUvicorn) -
             return [(await ah.get("http://orders/")).text for _ in range(5)]
 
     assert asyncio.run(run()) == ["peer=gateway"] * 5
+
+
+def test_peer_of_another_trust_domain_is_not_a_verified_caller(mesh: Mesh, ca: TestCA) -> None:
+    """Even with its root in the bundle, a certificate of trust domain ``other.example`` does
+    not name a caller of this mesh: strict refuses it."""
+    foreign = TestCA("other.example")
+    server = ca.issue("orders").with_trust_bundle(ca.bundle_pem + foreign.bundle_pem)
+    with TLSUvicorn(StaticIdentitySource(server), mesh, "orders") as srv:
+        mesh.register("orders", srv.port, instance_id="orders-td", tls=True)
+        wait_endpoints(mesh, "orders", 1)
+        set_policy(mesh, "orders", STRICT)
+        stranger = client_context(foreign.issue("gateway"))
+        stranger.load_verify_locations(cadata=ca.bundle_pem.decode())
+        assert b"mtls_required" in _raw_get(srv.port, stranger, "gateway")
+        assert _raw_get(srv.port, client_context(ca.issue("gateway")), "x").startswith(
+            b"HTTP/1.1 200")
