@@ -206,49 +206,57 @@ class Signer:
                 self._handle(ev.kv)
 
     def _handle(self, kv: KV) -> None:
+        """Answer one request. The lock only guards the bookkeeping (active, dedup, rate
+        limiter); checking, signing and the etcd writes run outside it."""
+        parsed = self.keys.parse_csr_key(kv.key)
+        if parsed is not None and not (is_service_name(parsed[0]) and _REQUEST_ID.match(parsed[1])):
+            parsed = None
         with self._lock:
             if not self._active.is_set() or self._closed:
                 return
-            parsed = self.keys.parse_csr_key(kv.key)
-            if parsed is None or not is_service_name(parsed[0]) or not _REQUEST_ID.match(parsed[1]):
-                log.warning(
-                    "signer: ignoring %r: not a request key (expected %s<service>/<request-id>)",
-                    kv.key, self.keys.csr_root,
-                )
-                metrics.SIGNER_REQUESTS.labels("", "malformed").inc()
-                with contextlib.suppress(EtcdError):
-                    self.client.delete(kv.key)
+            done_key = (kv.key, kv.mod_revision)
+            if done_key in self._done:
                 return
-            service, request_id = parsed
-            if (kv.key, kv.mod_revision) in self._done:
-                return
-            try:
-                csr = check_csr(kv.value, service=service, trust_domain=self.authority.trust_domain)
-                if not self.limiter.allow(service):
-                    raise CsrRefused(
-                        "rate_limited",
-                        f"service {service!r} exceeded the signer's rate limit "
-                        f"({self.limiter.rate * 60:g} requests a minute, burst {self.limiter.burst:g})",
-                    )
-                chain = self.authority.issue(csr, service, self.lifetime)
-                not_after = load_certs(chain)[0].not_valid_after_utc
-                answer = issued_answer(chain, not_after.isoformat())
-                result = "issued"
-                log.info("signer: issued %s for %s until %s", request_id, service, not_after)
-            except CsrRefused as e:
-                answer = refused_answer(e.code, e.reason)
-                result = e.code
-                log.warning("signer: refused request %s: %s (%s)", kv.key, e.reason, e.code)
-            try:
-                self.client.put(self.keys.cert(service, request_id), answer, self._answer_lease_id())
-                self.client.delete(kv.key)
-            except EtcdError as e:
-                log.warning("signer: could not answer %s: %s (it stays pending)", kv.key, e)
-                return
-            self._done[(kv.key, kv.mod_revision)] = None
+            self._done[done_key] = None  # claimed: the other delivery of this put skips it
             if len(self._done) > 10_000:
                 self._done.popitem(last=False)
-            metrics.SIGNER_REQUESTS.labels(service, result).inc()
+            allowed = parsed is not None and self.limiter.allow(parsed[0])
+        if parsed is None:
+            log.warning(
+                "signer: ignoring %r: not a request key (expected %s<service>/<request-id>)",
+                kv.key, self.keys.csr_root,
+            )
+            metrics.SIGNER_REQUESTS.labels("", "malformed").inc()
+            with contextlib.suppress(EtcdError):
+                self.client.delete(kv.key)
+            return
+        service, request_id = parsed
+        try:
+            csr = check_csr(kv.value, service=service, trust_domain=self.authority.trust_domain)
+            if not allowed:
+                raise CsrRefused(
+                    "rate_limited",
+                    f"service {service!r} exceeded the signer's rate limit "
+                    f"({self.limiter.rate * 60:g} requests a minute, burst {self.limiter.burst:g})",
+                )
+            chain = self.authority.issue(csr, service, self.lifetime)
+            not_after = load_certs(chain)[0].not_valid_after_utc
+            answer = issued_answer(chain, not_after.isoformat())
+            result = "issued"
+            log.info("signer: issued %s for %s until %s", request_id, service, not_after)
+        except CsrRefused as e:
+            answer = refused_answer(e.code, e.reason)
+            result = e.code
+            log.warning("signer: refused request %s: %s (%s)", kv.key, e.reason, e.code)
+        try:
+            self.client.put(self.keys.cert(service, request_id), answer, self._answer_lease_id())
+            self.client.delete(kv.key)
+        except EtcdError as e:
+            log.warning("signer: could not answer %s: %s (it stays pending)", kv.key, e)
+            with self._lock:  # a later delivery (backlog read, relist) may try again
+                self._done.pop(done_key, None)
+            return
+        metrics.SIGNER_REQUESTS.labels(service, result).inc()
 
     def _answer_lease_id(self) -> int:
         """A lease shared by the answers of one minute, so answers expire after ``answer_ttl``."""

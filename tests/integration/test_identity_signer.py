@@ -106,6 +106,12 @@ def test_malformed_and_foreign_requests_are_refused_with_reasons(client, authori
         assert "payments" in a["reason"] and "orders" in a["reason"]
         assert (_counter("orders", "malformed"), _counter("orders", "identity")) == (
             before[0] + 1, before[1] + 1)
+        # a key outside the layout (service not a DNS label) cannot be answered: removed, counted
+        bad_key = keys.csr_root + "Not_A_Service/r1"
+        before_bad = _counter("", "malformed")
+        client.put(bad_key, csr)
+        _wait(lambda: client.get(bad_key) is None)
+        assert _counter("", "malformed") == before_bad + 1
         # requests are removed once answered
         assert client.get_prefix(keys.csr_root)[0] == []
 
