@@ -103,3 +103,44 @@ def test_mesh_with_identity_and_no_signer_fails_with_the_reason(etcd_server, etc
     assert "meshlib signer" in str(e.value)
     with pytest.raises(ValueError, match="needs service"):
         Mesh(etcd_server.endpoint, prefix=etcd_prefix, identity=True)
+
+
+def test_killed_signer_process_is_replaced_by_a_standby(etcd_server, etcd_prefix, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL (no revoke): the standby takes over when the dead signer's lease expires."""
+    import time
+
+    from meshlib.discovery.etcd_client import EtcdClient
+    from meshlib.identity.authority import Authority
+    from meshlib.identity.keys import IdentityKeys
+    from meshlib.identity.signer import Signer
+
+    d = tmp_path / "ca"
+    assert main(["ca", "init", "--dir", str(d)]) == 0
+    keys = IdentityKeys(etcd_prefix)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshlib.cli", "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix,
+         "signer", "--ca-dir", str(d), "--lease-ttl", "2", "--name", "first"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    client = EtcdClient(etcd_server.endpoint, timeout=3)
+    standby = None
+    try:
+        deadline = time.monotonic() + 20
+        while (got := client.get(keys.leader)) is None or got[0] != b"first":
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the signer process never became active"
+            time.sleep(0.05)
+        standby = Signer(client, Authority.load(d), prefix=etcd_prefix, name="standby", lease_ttl=2)
+        assert not standby.wait_active(0.5)
+        proc.kill()
+        proc.wait(10)
+        assert standby.wait_active(10)  # after the 2 s lease of the dead one expired
+        assert client.get(keys.leader)[0] == b"standby"  # type: ignore[index]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if standby is not None:
+            standby.close()
+        client.close()
