@@ -78,8 +78,10 @@ def test_close_is_idempotent_and_thread_safe(etcd, prefix):
 # --- SIGTERM -------------------------------------------------------------------------------
 CHILD = textwrap.dedent(
     """
-    import signal, sys, time
+    import faulthandler, signal, sys, time
     from meshlib import Mesh
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks on a hang
 
     if {host_handler!r}:
         def on_term(signum, frame):
@@ -125,7 +127,17 @@ def test_sigterm(etcd, prefix, kwargs, host_handler, handler, rc, deregistered):
             key = observer.layout.instance_key("polite", "child")
             assert observer.client.get(key) is not None
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=30)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack to stderr
+                try:
+                    out, err = proc.communicate(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, err = proc.communicate()
+                pytest.fail(f"the child did not exit within 30 s of SIGTERM; its threads:\n{err}"
+                            f"\nstdout: {out}")
             assert proc.returncode == rc, (out, err)
             assert ("host handler ran" in out) == host_handler, (out, err)
             # The lease TTL is 30 s: gone now only if the process revoked it before it died.
