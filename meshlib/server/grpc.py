@@ -91,9 +91,17 @@ def _metadata_value(metadata: Any, key: str) -> str | None:
     return None
 
 
+#: How close to its deadline a call that grpc ended under the handler counts as expired.
+#: grpc core cancels at its monotonic deadline, but ``time_remaining()`` compares the
+#: wall clock with that deadline converted to wall-clock time (two clock reads that a busy
+#: machine can preempt apart), so at the cancellation it may still report a few ms left.
+_DEADLINE_SLACK = 0.05
+
+
 def _ended_under_handler(context: Any) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED when the call ended at its deadline, else CANCELLED (the client)."""
     remaining = context.time_remaining()
-    return _DEADLINE if remaining is not None and remaining <= 0 else _CANCELLED
+    return _DEADLINE if remaining is not None and remaining <= _DEADLINE_SLACK else _CANCELLED
 
 
 def _outcome(context: Any, exc: BaseException | None, active: bool = True

@@ -231,6 +231,10 @@ def test_asgi_real_socket_route_trace_and_deadline(
                                                             "x-mesh-timeout": "2S"})
             assert r.status_code == 200
             assert 1.0 < r.json()["remaining"] <= 2.0  # the handler saw the caller's deadline
+    # The server records a call once the response is sent: the client may read it first.
+    wait_until(lambda: count(metrics, HTTP_FAMILY) == 20
+               and len([s for s in exporter.get_finished_spans()
+                        if s.kind == SpanKind.SERVER]) == 20)
     assert series(metrics, HTTP_FAMILY) == {
         (("error_type", ""), ("http_request_method", "GET"), ("http_response_status_code", "200"),
          ("http_route", "/orders/{id}"), ("meshlib_caller", "")): 20.0
@@ -392,11 +396,18 @@ def test_wsgi_route_template_trace_and_deadline(
             assert r.status_code == 200
             assert 2.0 < r.json()["remaining"] <= 3.0
         assert c.get(f"{srv.url}/unknown/1").status_code == 404
-    routes = {(dict(k)["http_route"], dict(k)["http_response_status_code"]): v
-              for k, v in series(metrics, HTTP_FAMILY).items()}
-    assert routes == {("/orders/<int:order_id>", "200"): 300, ("", "404"): 1}
-    servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
-    assert len(servers) == 301
+
+    def routes() -> dict[tuple[str, str], float]:
+        return {(dict(k)["http_route"], dict(k)["http_response_status_code"]): v
+                for k, v in series(metrics, HTTP_FAMILY).items()}
+
+    def server_spans() -> list[Any]:
+        return [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+
+    # The server records a call once the response is sent: the client may read it first.
+    wait_until(lambda: len(server_spans()) == 301 and sum(routes().values()) == 301)
+    assert routes() == {("/orders/<int:order_id>", "200"): 300, ("", "404"): 1}
+    servers = server_spans()
     span = servers[0]
     assert span.name == "GET /orders/<int:order_id>"
     assert format(span.context.trace_id, "032x") == TRACE_ID
