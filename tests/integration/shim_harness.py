@@ -27,10 +27,20 @@ from typing import Any
 from meshlib.testing.etcd import free_port
 
 
+def _port_arg(entry: str, port: int) -> tuple[str, str]:
+    """``("--upstream", "orders=5001")`` for ``"--upstream orders={}"`` and 5001."""
+    flag, _, value = entry.partition(" ")
+    return flag, (value or "{}").format(port)
+
+
 class ShimProcess:
     def __init__(self, etcd: str, prefix: str, *args: str, wait: str = "/live",
                  env: dict[str, str] | None = None, drain: float = 0.5,
-                 port: int | None = None, admin_port: int | None = None) -> None:
+                 port: int | None = None, admin_port: int | None = None,
+                 free_ports: tuple[str, ...] = ()) -> None:
+        """``free_ports``: more listening flags given a ``free_port()`` of their own, picked
+        anew on each start like ``--port``: ``"--inbound-port"``, or a flag and a value with
+        ``{}`` for the port (``"--upstream orders={}"``). Their ports: ``self.ports[entry]``."""
         full_env = dict(os.environ)
         full_env.pop("HTTP_PROXY", None)
         full_env.pop("http_proxy", None)
@@ -41,11 +51,13 @@ class ShimProcess:
             # this shared machine may take it first; then start again on new ports
             self.port = port or free_port()
             self.admin_port = admin_port or free_port()
+            self.ports = {flag: free_port() for flag in free_ports}
             fd, self.log_path = tempfile.mkstemp(prefix="shim-", suffix=".log")
             self.log_file = os.fdopen(fd, "wb")
             argv = [sys.executable, "-m", "meshlib.shim", "--etcd", etcd, "--prefix", prefix,
                     "--port", str(self.port), "--admin-port", str(self.admin_port),
-                    "--drain-seconds", str(drain), *args]
+                    "--drain-seconds", str(drain), *args,
+                    *(a for entry, p in self.ports.items() for a in _port_arg(entry, p))]
             self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
                                          env=full_env)
             if not wait:
@@ -56,6 +68,7 @@ class ShimProcess:
             except AssertionError:
                 mine = [f"--port {self.port}:"] if not port else []
                 mine += [f"--admin-port {self.admin_port}:"] if not admin_port else []
+                mine += [" ".join(_port_arg(entry, p)) + ":" for entry, p in self.ports.items()]
                 taken = self.proc.poll() == 2 and any(m in self.log() for m in mine)
                 self.close()
                 if not taken or attempt == 2:

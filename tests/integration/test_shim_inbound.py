@@ -17,7 +17,6 @@ from http_servers import Upstream, set_policy
 from shim_harness import ShimProcess, SimpleApp
 
 from meshlib.mesh import Mesh
-from meshlib.testing.etcd import free_port
 
 
 @pytest.fixture
@@ -27,16 +26,19 @@ def app() -> Iterator[Upstream]:
     up.kill()
 
 
-def _shim(etcd_server, mesh: Mesh, name: str, app_port: int, inbound: int) -> ShimProcess:
-    return ShimProcess(etcd_server.endpoint, mesh.layout.prefix, "--service", name,
-                       "--app-port", str(app_port), "--inbound-port", str(inbound),
-                       "--health", "tcp", "--tracing", "on", wait="/ready")
+def _shim(etcd_server, mesh: Mesh, name: str, app_port: int) -> tuple[ShimProcess, int]:
+    """The shim and its inbound port (picked by the harness: again if another process takes
+    it before the shim listens)."""
+    shim = ShimProcess(etcd_server.endpoint, mesh.layout.prefix, "--service", name,
+                       "--app-port", str(app_port), "--health", "tcp", "--tracing", "on",
+                       wait="/ready", free_ports=("--inbound-port",))
+    return shim, shim.ports["--inbound-port"]
 
 
 def test_inbound_port_runs_the_server_middleware(etcd_server, mesh, app):
     name = f"inb-{uuid.uuid4().hex[:6]}"
-    inbound = free_port()
-    with _shim(etcd_server, mesh, name, app.port, inbound) as shim, \
+    shim, inbound = _shim(etcd_server, mesh, name, app.port)
+    with shim, \
             Mesh(etcd_server.endpoint, prefix=mesh.layout.prefix, service="caller-a",
                  handle_sigterm=False) as caller:
         (ep,) = caller.wait_for(name).endpoints
@@ -73,9 +75,9 @@ def test_inbound_port_runs_the_server_middleware(etcd_server, mesh, app):
 def test_inbound_deadline(etcd_server, mesh):
     slow = SimpleApp("slow", delay=1.0)
     name = f"dl-{uuid.uuid4().hex[:6]}"
-    inbound = free_port()
     try:
-        with _shim(etcd_server, mesh, name, slow.port, inbound):
+        shim, inbound = _shim(etcd_server, mesh, name, slow.port)
+        with shim:
             with httpx.Client(base_url=f"http://127.0.0.1:{inbound}", trust_env=False) as c:
                 r = c.get("/x", headers={"x-mesh-timeout": "0S"})
                 assert r.status_code == 504 and slow.count == 0  # expired on arrival

@@ -227,10 +227,11 @@ def test_grpc_app_registered_by_grpc_health_and_called_through_an_upstream_liste
     app_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     name = f"grpc-{uuid.uuid4().hex[:6]}"
-    listener = free_port()
+    upstream = f"--upstream {name}={{}}"  # the harness picks the port
     shim = ShimProcess(etcd_server.endpoint, _prefix(mmesh), "--service", name, "--app-port",
-                       str(app_port), "--protocol", "grpc", "--upstream", f"{name}={listener}",
-                       *FAST_HEALTH, wait="/ready", drain=0.3)
+                       str(app_port), "--protocol", "grpc", *FAST_HEALTH, wait="/ready",
+                       drain=0.3, free_ports=(upstream,))
+    listener = shim.ports[upstream]
     try:
         (ep,) = mmesh.wait_for(name).endpoints
         assert ep.protocol == "grpc"

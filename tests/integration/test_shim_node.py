@@ -79,10 +79,9 @@ def grpc_service(mmesh: Mesh) -> Iterator[tuple[str, TestServer]]:
 @pytest.fixture(scope="module")
 def shim(etcd_server: Any, prefix: str, grpc_service: Any) -> Iterator[ShimProcess]:
     """The app's shim: outbound HTTP, and a gRPC upstream listener for the gRPC service."""
-    grpc_port = free_port()
-    with ShimProcess(etcd_server.endpoint, prefix, "--upstream",
-                     f"{grpc_service[0]}={grpc_port}") as s:
-        s.grpc_port = grpc_port  # type: ignore[attr-defined]
+    upstream = f"--upstream {grpc_service[0]}={{}}"  # the harness picks the port
+    with ShimProcess(etcd_server.endpoint, prefix, free_ports=(upstream,)) as s:
+        s.grpc_port = s.ports[upstream]  # type: ignore[attr-defined]
         yield s
 
 
