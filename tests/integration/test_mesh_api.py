@@ -93,8 +93,12 @@ CHILD = textwrap.dedent(
     reg = mesh.register("polite", 7002, ttl=30, instance_id="child")
     same = signal.getsignal(signal.SIGTERM) is before
     print("registered", "handler-kept" if same else "handler-installed", flush=True)
+    # A main loop that wakes, as a server's does: Python runs signal handlers in the main
+    # thread only, and when the kernel hands SIGTERM to another thread (grpc's, etcd
+    # client's) nothing interrupts the main thread's sleep: one long sleep would delay the
+    # handler until it ends.
     while True:
-        time.sleep(60)
+        time.sleep(0.05)
     """
 )
 

@@ -284,7 +284,10 @@ _CHILD = textwrap.dedent(
     from meshlib.testing import EtcdServer
     server = EtcdServer().start()
     print(server.pid, server.data_dir, flush=True)
-    time.sleep(60)
+    # short sleeps: a SIGTERM the kernel hands to another thread does not interrupt the main
+    # thread's sleep, and Python runs the handler in the main thread only
+    for _ in range(1200):
+        time.sleep(0.05)
     """
 )
 
