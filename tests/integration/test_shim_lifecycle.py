@@ -58,8 +58,16 @@ def test_app_starting_late_and_restarting_behind_the_shim(etcd_server, mmesh):
     name = f"late-{uuid.uuid4().hex[:6]}"
     with ShimProcess(etcd_server.endpoint, _prefix(mmesh), "--service", name, "--app-port",
                      str(port), "--health", "tcp", *FAST_HEALTH) as shim:
-        status, body = shim.admin("/ready")
-        assert status == 503 and "not registered" in json.loads(body)["missing"][0]
+        # /live answers before the shim's watch reaches etcd: wait until only the app is missing
+        deadline = time.monotonic() + 10
+        while True:
+            status, body = shim.admin("/ready")
+            missing = json.loads(body)["missing"]
+            if not any(m.startswith("etcd not reachable") for m in missing):
+                break
+            assert time.monotonic() < deadline, f"the shim never reached etcd: {missing}"
+            time.sleep(0.02)
+        assert status == 503 and len(missing) == 1 and "not registered" in missing[0], missing
         assert mmesh.snapshot(name).endpoints == ()
         app = SimpleApp("late", port=port)  # the app comes up after its shim
         wait_endpoints(mmesh, name, 1)
