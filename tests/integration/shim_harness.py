@@ -27,6 +27,31 @@ from typing import Any
 from meshlib.testing.etcd import free_port
 
 
+class HeldPort:
+    """A loopback port kept from other processes until a server here listens on it.
+
+    For a port a test must name before its server starts (an app that comes up after its
+    shim): a socket bound with ``SO_REUSEADDR`` and not listening holds it. Connections to it
+    are refused, as to a free port; the kernel hands it to no ``bind(0)`` or ``connect()``
+    elsewhere; a server binding it with ``SO_REUSEADDR`` (http.server, asyncio, Node do)
+    may, since nothing listens. :meth:`close` once the test is done with the port."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> HeldPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _port_arg(entry: str, port: int) -> tuple[str, str]:
     """``("--upstream", "orders=5001")`` for ``"--upstream orders={}"`` and 5001."""
     flag, _, value = entry.partition(" ")

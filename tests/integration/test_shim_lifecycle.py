@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 from http_servers import Upstream, register, wait_endpoints
-from shim_harness import ShimProcess, SimpleApp, exchange, split_response, status_of
+from shim_harness import HeldPort, ShimProcess, SimpleApp, exchange, split_response, status_of
 
 from meshlib.mesh import Mesh
 from meshlib.shim.config import ConfigError, load_config
@@ -54,10 +54,11 @@ def test_registration_follows_the_health_check(etcd_server, mmesh):
 
 
 def test_app_starting_late_and_restarting_behind_the_shim(etcd_server, mmesh):
-    port = free_port()
+    held = HeldPort()  # the app's port, kept from other processes until the app takes it
+    port = held.port
     name = f"late-{uuid.uuid4().hex[:6]}"
-    with ShimProcess(etcd_server.endpoint, _prefix(mmesh), "--service", name, "--app-port",
-                     str(port), "--health", "tcp", *FAST_HEALTH) as shim:
+    with held, ShimProcess(etcd_server.endpoint, _prefix(mmesh), "--service", name,
+                           "--app-port", str(port), "--health", "tcp", *FAST_HEALTH) as shim:
         # /live answers before the shim's watch reaches etcd: wait until only the app is missing
         deadline = time.monotonic() + 10
         while True:
@@ -137,7 +138,8 @@ def test_post_shutdown_for_batch_jobs(etcd_server, mmesh):
 
 
 def test_wait_holds_the_app_until_ready(etcd_server, mmesh):
-    admin = free_port()
+    held = HeldPort()  # the shim's admin port, kept from other processes until the shim starts
+    admin = held.port
     waiter = subprocess.Popen(
         [sys.executable, "-m", "meshlib.cli", "await", "--admin-port", str(admin),
          "--wait-timeout", "20", "--", sys.executable, "-c", "print('app started')"],
@@ -149,6 +151,7 @@ def test_wait_holds_the_app_until_ready(etcd_server, mmesh):
             out, _ = waiter.communicate(timeout=20)
         assert waiter.returncode == 0 and out.strip().endswith(b"app started")
     finally:
+        held.close()
         if waiter.poll() is None:
             waiter.kill()
     nobody = subprocess.run(

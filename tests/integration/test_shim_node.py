@@ -30,7 +30,6 @@ from shim_harness import ShimProcess
 
 from meshlib.mesh import Mesh
 from meshlib.telemetry.semconv import ALL_FAMILIES
-from meshlib.testing.etcd import free_port
 
 NODE_DIR = pathlib.Path(__file__).resolve().parents[2] / "adapters" / "node"
 
@@ -134,12 +133,14 @@ def test_node_grpc_client_through_upstream(shim: ShimProcess, grpc_service: Any)
 
 def test_python_calls_node_service_by_name(etcd_server: Any, prefix: str, mmesh: Mesh) -> None:
     name = f"node-{uuid.uuid4().hex[:8]}"
-    app_port = free_port()
-    node = subprocess.Popen([node_binary(), str(NODE_DIR / "service.js"), "--port", str(app_port),
+    # port 0: the service listens on a port of the kernel's choosing and prints it
+    node = subprocess.Popen([node_binary(), str(NODE_DIR / "service.js"), "--port", "0",
                              "--name", name], stdout=subprocess.PIPE, text=True)
     try:
         assert node.stdout is not None
-        assert node.stdout.readline().strip() == f"listening {app_port}"
+        word, port_text = node.stdout.readline().split()
+        assert word == "listening" and int(port_text) > 0
+        app_port = int(port_text)
         with ShimProcess(etcd_server.endpoint, prefix, "--service", name, "--app-port",
                          str(app_port), "--health-path", "/health", "--health-interval", "0.2",
                          wait="/ready"):
