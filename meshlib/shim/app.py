@@ -53,6 +53,7 @@ class Shim:
         self.pool: UpstreamPool | None = None
         self.registrar: AppRegistrar | None = None
         self.upstreams: list[Any] = []
+        self.server_tls: Any = None  # meshlib.tls.ServerTLS of the inbound port (mTLS)
         self.draining = False
         self.started_at = time.time()
         self._stop: asyncio.Event | None = None
@@ -109,7 +110,12 @@ class Shim:
             from meshlib.shim.inbound import InboundProxy
 
             inbound = InboundProxy(self.mesh, cfg, self.pool)
-            self.inbound = FrontServer(inbound.handle, limits, loop, name="inbound")
+            if cfg.inbound_tls():
+                from meshlib.tls import ServerTLS
+
+                self.server_tls = ServerTLS(self.mesh.identity)
+            self.inbound = FrontServer(inbound.handle, limits, loop, name="inbound",
+                                       tls=self.server_tls)
             await _listen(self.inbound, cfg.bind, cfg.inbound_port, "--inbound-port")
         self.admin = FrontServer(AdminHandler(self).handle, Limits(head_timeout=5.0), loop,
                                  name="admin")
@@ -168,6 +174,8 @@ class Shim:
             self.pool.close()
         if self.proxy is not None:
             self.proxy.close()
+        if self.server_tls is not None:
+            self.server_tls.close()
         if self.mesh is not None:
             await asyncio.to_thread(self.mesh.close)
 

@@ -93,6 +93,11 @@ class ShimConfig:
     def registers(self) -> bool:
         return bool(self.service and self.app_port)
 
+    def inbound_tls(self) -> bool:
+        """The inbound port accepts mesh mTLS (``--identity on``): the app is registered with
+        ``"tls": true`` so that callers with an identity connect with TLS (docs/shim.md)."""
+        return bool(self.inbound_port) and self.identity == "on"
+
     def health_kind(self) -> str:
         """The effective health check: ``auto`` = grpc for gRPC apps, http otherwise."""
         if self.health != "auto":

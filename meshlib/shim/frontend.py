@@ -38,6 +38,8 @@ import httptools
 from meshlib.shim.metrics import ShimMetrics
 from meshlib.shim.request import Body, BodyError, Request
 from meshlib.shim.responder import Responder
+from meshlib.shim.tls_accept import SniffingListener, peer_extension
+from meshlib.tls import ServerTLS
 
 __all__ = ["Body", "BodyError", "FrontServer", "Limits", "Request", "Responder",
            "ServerConnection"]
@@ -93,10 +95,14 @@ class ServerConnection(asyncio.Protocol):
         self.busy = False  # a request is being handled
         self.tunnel: Any = None  # set by an upgrade handler: receives raw bytes
         self.upgrade_req: Request | None = None
+        #: the ASGI TLS extension (verified peer) of a mesh mTLS connection, else None
+        self.peer_tls: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.server.tls is not None:
+            self.peer_tls = peer_extension(transport, self.server.tls)
         self.server.connections.add(self)
         self.server.gauge.inc()
         self._arm(self.limits.idle_timeout, self._idle_expired)
@@ -427,8 +433,13 @@ class FrontServer:
     """A listening socket whose connections feed ``handler(request, responder)``."""
 
     def __init__(self, handler: Handler, limits: Limits,
-                 loop: asyncio.AbstractEventLoop | None = None, name: str = "outbound") -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, name: str = "outbound",
+                 tls: ServerTLS | None = None) -> None:
         self.handler = handler
+        #: mesh mTLS (the inbound port with ``--identity on``): TLS and clear-text callers on
+        #: one port, told apart by their first byte (``tls_accept.SniffingListener``)
+        self.tls = tls
+        self.listener: SniffingListener | None = None
         self.gauge = ShimMetrics.get().connections.labels(name)
         self.limits = limits
         self.loop = loop or asyncio.get_event_loop()
@@ -440,9 +451,14 @@ class FrontServer:
         self.sweep_interval = 1.0
 
     async def listen(self, host: str, port: int) -> int:
-        self.server = await self.loop.create_server(
-            lambda: ServerConnection(self), host, port, reuse_address=True, backlog=1024)
-        self.port = self.server.sockets[0].getsockname()[1]
+        if self.tls is not None:
+            self.listener = SniffingListener(self.loop, lambda: ServerConnection(self),
+                                             self.tls, self.limits.head_timeout)
+            self.port = await self.listener.listen(host, port)
+        else:
+            self.server = await self.loop.create_server(
+                lambda: ServerConnection(self), host, port, reuse_address=True, backlog=1024)
+            self.port = self.server.sockets[0].getsockname()[1]
         lim = self.limits
         timeouts = [t for t in (lim.head_timeout, lim.idle_timeout) if t and t > 0]
         if timeouts:  # the timers of every connection, checked ~5 times per shortest timeout
@@ -478,5 +494,7 @@ class FrontServer:
             self.sweeper = None
         if self.server is not None:
             self.server.close()
+        if self.listener is not None:
+            self.listener.close()
         for conn in list(self.connections):
             conn.close()

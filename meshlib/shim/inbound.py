@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 _TIMEOUT: Final = HTTP_TIMEOUT_HEADER.encode()
 _DROP: Final = frozenset({b"content-length", _TIMEOUT})
+_CALLER: Final = b"x-mesh-caller"
+_XFCC: Final = b"x-forwarded-client-cert"
+#: with mesh mTLS the caller fields are the shim's to set (Envoy's
+#: ``forward_client_cert_details: SANITIZE_SET``): what the network sent is dropped
+_DROP_TLS: Final = _DROP | {_CALLER, _XFCC}
 Message = MutableMapping[str, Any]
 
 
@@ -49,6 +54,7 @@ class InboundProxy:
         self.address = config.app_address
         self.port = config.app_port
         self.timeout = config.upstream_connect_timeout
+        self.drop = _DROP_TLS if config.inbound_tls() else _DROP
         self.app = MeshASGIMiddleware(self._forward, mesh, service=config.service)
 
     async def handle(self, req: Request, resp: Responder) -> None:
@@ -60,6 +66,8 @@ class InboundProxy:
             "headers": [(n.lower(), v) for n, v in req.headers],
             "shim.request": req,
         }
+        if resp.conn.peer_tls is not None:  # a mesh mTLS connection: the verified peer
+            scope["extensions"] = {"tls": resp.conn.peer_tls}
         body = req.body
         parts = aiter(body) if body is not None and not body.consumed else None
 
@@ -92,7 +100,9 @@ class InboundProxy:
     async def _forward(self, scope: Any, receive: Any, send: Any) -> None:
         """The ASGI app under the middleware: forward to the app, stream the answer back."""
         req: Request = scope["shim.request"]
-        headers = strip_hop_by_hop(req.headers, drop=_DROP)
+        headers = strip_hop_by_hop(req.headers, drop=self.drop)
+        if self.drop is _DROP_TLS:
+            _caller_fields(scope, req.headers, headers)
         deadline = current_deadline.get()
         if deadline is not None:
             remaining = deadline.remaining(time.monotonic())
@@ -128,6 +138,26 @@ class InboundProxy:
             up.conn.abort()
             raise
         up.release()
+
+
+def _caller_fields(scope: Any, received: list[tuple[bytes, bytes]],
+                   headers: list[tuple[bytes, bytes]]) -> None:
+    """With mesh mTLS on the inbound port, tell the app who called: ``x-mesh-caller`` is the
+    verified peer's service, and ``x-forwarded-client-cert: URI=<SPIFFE ID>`` (the field
+    Envoy and Istio give apps) carries its identity. Without a verified peer (clear text or
+    no certificate, only reaching here outside ``strict``) the caller's own claim is passed
+    on as before, and no ``x-forwarded-client-cert`` is sent."""
+    ext = scope.get("extensions")
+    tls = ext.get("tls") if ext else None
+    service = tls.get("meshlib.peer_service") if tls else None
+    if service and tls:
+        headers.append((_CALLER, service.encode()))
+        headers.append((_XFCC, b"URI=" + str(tls["meshlib.peer_spiffe_id"]).encode()))
+        return
+    for name, value in received:
+        if name.lower() == _CALLER:
+            headers.append((_CALLER, value))
+            return
 
 
 async def _receive_body(receive: Any) -> AsyncIterator[bytes]:

@@ -58,6 +58,7 @@ from meshlib.core.call import (
     run_call,
 )
 from meshlib.core.deadline import HTTP_TIMEOUT_HEADER, Deadline, encode_timeout
+from meshlib.core.mtls import STRICT
 from meshlib.core.outcome import Outcome, classify_http
 from meshlib.core.retry import is_idempotent, parse_retry_after
 from meshlib.http.attempt import finish, record_attempt, record_cancelled, result_from_error
@@ -67,6 +68,7 @@ from meshlib.http.errors import (
     MeshHTTPError,
     RetryBudgetExhaustedError,
 )
+from meshlib.http.mtls import client_tls_of, tls_target
 from meshlib.server.common import inbound_deadline
 from meshlib.shim.metrics import ShimMetrics
 from meshlib.shim.request import BodyError, Request
@@ -175,9 +177,14 @@ class OutboundProxy:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._remove_listener = mesh.add_listener(self._on_snapshot)
+        #: mesh mTLS for upstream connections (``--identity on``): the library's rotating
+        #: client context; the decision per attempt is ``meshlib.http.mtls.tls_target``
+        self.tls = client_tls_of(mesh)
 
     def close(self) -> None:
         self._remove_listener()
+        if self.tls is not None:
+            self.tls.close()
 
     # ---------------------------------------------------------------- destination
     def destination(self, req: Request) -> tuple[str, bytes]:
@@ -362,6 +369,10 @@ class OutboundProxy:
             replayable=replayable, deadline=deadline, observer=route.recorder,
         )
         retry = plan.retry
+        # mesh mTLS: without an identity only a strict destination needs the decision (it
+        # refuses); the shortcut is held to ``tls_target`` by tests/unit/test_shim_mtls.py
+        tls_of = (route if self.tls is not None or plan.policy.mtls.mode == STRICT
+                  else None)
         idempotent = replayable and is_idempotent(
             method, method not in retry.methods and lookup.get("idempotency-key") is not None,
             retry)
@@ -379,7 +390,8 @@ class OutboundProxy:
                         continue
                     if action.hedge_after is not None:
                         end = await self._hedged(cast(HedgedCallGen, gen), action, method,
-                                                 target, headers, body, span, recorder, now)
+                                                 target, headers, body, span, recorder, now,
+                                                 tls_of)
                         break
                     if pending is not None:
                         pending.conn.abort()
@@ -387,7 +399,7 @@ class OutboundProxy:
                     ep = action.endpoint
                     aspan = span.attempt(action.number, ep.address, ep.port)
                     result, seconds = await self._attempt(
-                        action, method, target, headers, body, aspan, now, idempotent)
+                        action, method, target, headers, body, aspan, now, idempotent, tls_of)
                     if isinstance(result.value, UpstreamResponse):
                         pending = result.value
                     record_attempt(recorder, aspan, action.number, result, seconds)
@@ -417,9 +429,11 @@ class OutboundProxy:
 
     async def _attempt(self, action: Attempt, method: str, target: bytes,
                        headers: list[tuple[bytes, bytes]], body: bytes | _OnceBody, aspan: Any,
-                       now: Any, idempotent: bool) -> tuple[AttemptResult, float]:
+                       now: Any, idempotent: bool, tls_of: _Route | None = None
+                       ) -> tuple[AttemptResult, float]:
         """One attempt (``aspan``: its span, ended by the caller's ``record_attempt``):
-        (result, seconds)."""
+        (result, seconds). ``tls_of``: the route when mesh mTLS may apply (the endpoint's
+        ``tls`` field and the live ``mtls.mode`` decide, ``meshlib.http.mtls.tls_target``)."""
         ep = action.endpoint
         if ep.port in self.loop_ports and ep.address in self.own_addresses:
             err = LoopError(f"endpoint {ep.address}:{ep.port} of service {ep.service!r} is this "
@@ -435,15 +449,17 @@ class OutboundProxy:
             if isinstance(body, _OnceBody) and body.started:
                 raise httpx.WriteError("the request body was streamed to an earlier attempt "
                                        "and cannot be sent again")
+            tls = None if tls_of is None else tls_target(self.tls, tls_of, ep)
             try:
                 up = await self.pool.request(ep.address, ep.port, method, target, hdrs,
                                              body if isinstance(body, bytes) else aiter(body),
-                                             action.timeout)
+                                             action.timeout, tls=tls)
             except StaleConnectionError:
                 if not idempotent:
                     raise
                 up = await self.pool.request(ep.address, ep.port, method, target, hdrs,
-                                             cast(bytes, body), action.timeout, fresh=True)
+                                             cast(bytes, body), action.timeout, fresh=True,
+                                             tls=tls)
             result = _result(up)
         except httpx.TransportError as exc:
             result = result_from_error(exc)
@@ -458,7 +474,7 @@ class OutboundProxy:
 
     async def _hedged(self, gen: HedgedCallGen, action: Any, method: str, target: bytes,
                       headers: list[tuple[bytes, bytes]], body: bytes | _OnceBody, span: Any,
-                      recorder: Any, now: Any) -> Any:
+                      recorder: Any, now: Any, tls_of: _Route | None = None) -> Any:
         """Hedged mode (``core.call``): one task per attempt; the first final result wins."""
         loop = asyncio.get_running_loop()
         running: dict[Attempt, tuple[asyncio.Task[Any], Any, float]] = {}
@@ -474,7 +490,7 @@ class OutboundProxy:
                     ep = action.endpoint
                     aspan = span.attempt(action.number, ep.address, ep.port)
                     task = loop.create_task(self._attempt(action, method, target, headers, body,
-                                                          aspan, now, True))
+                                                          aspan, now, True, tls_of))
                     running[action] = (task, aspan, perf_counter())
                     if action.hedge_after is not None:
                         timer = perf_counter() + action.hedge_after

@@ -173,7 +173,7 @@ class AppRegistrar:
         self.registration = await asyncio.to_thread(
             self.mesh.register, cfg.service, port, address=cfg.app_address,
             protocol=cfg.protocol, zone=cfg.zone, labels=dict(cfg.labels), ttl=cfg.ttl,
-            instance_id=cfg.instance_id, wait=False)
+            instance_id=cfg.instance_id, wait=False, tls=cfg.inbound_tls())
         ShimMetrics.get().registered.set(1)
 
     async def deregister(self) -> None:

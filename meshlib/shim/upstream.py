@@ -27,6 +27,7 @@ replayable request once more on a new connection (as Go's ``net/http`` transport
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from meshlib.core.mtls import MtlsRefused
 from meshlib.http.wire import (
     END,
     LAST_CHUNK,
@@ -45,8 +47,13 @@ from meshlib.http.wire import (
     parse_head,
     take_head,
 )
+from meshlib.tls import count_refusal, handshake_refusal, verify_server
 
-Key = tuple[str, int]
+#: ``(host, port)``, or ``(host, port, expected SPIFFE ID)`` for a mesh mTLS connection (a
+#: TLS connection is never reused for clear text, nor for another destination identity)
+Key = tuple[Any, ...]
+#: ``(client context, expected server SPIFFE ID)`` from ``meshlib.http.mtls.tls_target``
+TLSTarget = tuple[ssl.SSLContext, str]
 _READ_HIGH = 1 << 20
 _TIMED_OUT = object()
 
@@ -287,35 +294,56 @@ class UpstreamPool:
             c.close()
         return None
 
-    async def _connect(self, key: Key, timeout: float | None) -> _Conn:
+    async def _connect(self, key: Key, timeout: float | None,
+                       tls: TLSTarget | None = None) -> _Conn:
+        """Open a connection; with ``tls`` complete a TLS 1.3 handshake with the newest client
+        context and check the server's SPIFFE ID, exactly as the library's connections do
+        (``meshlib.http.backends.aio.connect``: same ``meshlib.tls`` helpers, same errors)."""
         loop = asyncio.get_running_loop()
         try:
-            coro = loop.create_connection(lambda: _Conn(loop, key), key[0], key[1])
+            if tls is None:
+                coro = loop.create_connection(lambda: _Conn(loop, key), key[0], key[1])
+            else:
+                coro = loop.create_connection(lambda: _Conn(loop, key), key[0], key[1],
+                                              ssl=tls[0], ssl_handshake_timeout=timeout)
             if timeout is None:
                 _t, conn = await coro
             else:
                 _t, conn = await asyncio.wait_for(coro, timeout)
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connect to {key[0]}:{key[1]} timed out") from None
+        except ssl.SSLError as exc:
+            raise httpx.ConnectError(handshake_refusal(exc, f"{key[0]}:{key[1]}")) from exc
         except OSError as exc:
             raise httpx.ConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
+        if tls is not None:
+            try:
+                verify_server(_t.get_extra_info("ssl_object"), tls[1])
+            except MtlsRefused as exc:
+                _t.close()
+                count_refusal("client", exc.reason)
+                raise httpx.ConnectError(f"mesh mTLS to {key[0]}:{key[1]}: {exc}") from exc
         self.opened += 1
         return conn
 
     async def request(self, host: str, port: int, method: str, target: bytes,
                       headers: list[tuple[bytes, bytes]], body: bytes | AsyncIterator[bytes],
-                      timeout: float | None, *, fresh: bool = False) -> UpstreamResponse:
+                      timeout: float | None, *, fresh: bool = False,
+                      tls: TLSTarget | None = None) -> UpstreamResponse:
         """Send one request. ``body``: the whole body (bytes; framed by the Content-Length
         or chunked header in ``headers``) or an async iterator of parts. ``timeout`` bounds
         the connect (with the pool's connect timeout), each write stall and each wait for
-        response bytes. ``fresh``: never reuse an idle connection."""
-        key = (host, port)
+        response bytes. ``fresh``: never reuse an idle connection. ``tls``: speak mesh mTLS
+        (``meshlib.http.mtls.tls_target``); idle TLS connections are pooled under
+        ``(host, port, expected SPIFFE ID)`` and keep the context they were made with, so
+        after a rotation only new connections use the new certificate."""
+        key = (host, port) if tls is None else (host, port, tls[1])
         conn = None if fresh else self._take_idle(key)
         if conn is None:
             ct = self.connect_timeout
             if timeout is not None and (ct is None or timeout < ct):
                 ct = timeout
-            conn = await self._connect(key, ct)
+            conn = await self._connect(key, ct, tls)
         reused = conn.uses > 0
         conn.uses += 1
         try:
