@@ -370,7 +370,7 @@ class OutboundProxy:
         )
         retry = plan.retry
         # mesh mTLS: without an identity only a strict destination needs the decision (it
-        # refuses); the shortcut is held to ``tls_target`` by tests/unit/test_shim_mtls.py
+        # refuses); the shortcut is held to ``tls_target`` by tests/unit/test_shim_mtls_shortcut.py
         tls_of = (route if self.tls is not None or plan.policy.mtls.mode == STRICT
                   else None)
         idempotent = replayable and is_idempotent(
