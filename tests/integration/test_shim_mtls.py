@@ -158,7 +158,7 @@ def test_strict_destination_without_identity_is_refused_by_the_caller_shim(
                           trust_env=False, timeout=10) as client:
             wait_until(lambda: client.get("/").status_code >= 500, what="strict applied")
             r = client.get("/")
-            assert r.status_code >= 500
+            assert r.status_code == 503 and r.headers["x-mesh-error"] == "ConnectError"
             assert "no mesh identity" in r.text and "strict" in r.text, r.text
         assert app.count == 0
 
