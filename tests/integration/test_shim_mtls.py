@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -255,3 +256,41 @@ def test_grpc_upstream_with_identity_reaches_a_tls_grpc_server(
     finally:
         server.stop(0).wait(5)
 
+
+
+def test_wrong_server_identity_and_untrusted_client_are_refused(
+        etcd_server, mesh: Mesh, signer: Signer, ca: TestCA, app: Upstream) -> None:
+    """An instance registered under ``impostor`` that holds ``backend``'s certificate is
+    refused by the calling shim (the SPIFFE ID names the destination service, not the
+    address); a client certificate from another CA is refused at the inbound handshake."""
+    name = f"be-{uuid.uuid4().hex[:6]}"
+    impostor = f"imp-{uuid.uuid4().hex[:6]}"
+    with backend_shim(etcd_server, mesh.layout.prefix, name, app.port) as back, \
+            gateway_shim(etcd_server, mesh.layout.prefix) as gw:
+        inbound = back.ports["--inbound-port"]
+        mesh.register(impostor, inbound, tls=True)
+        wait_endpoints(mesh, impostor, 1)
+        set_policy(mesh, impostor, {"retries": {"attempts": 1}})
+        with httpx.Client(base_url=f"http://127.0.0.1:{gw.port}", headers={"host": impostor},
+                          trust_env=False, timeout=10) as client:
+            r = client.get("/")
+        assert r.status_code == 503, r.text
+        assert f"spiffe://meshlib.local/svc/{name}" in r.text
+        assert f"spiffe://meshlib.local/svc/{impostor}" in r.text
+        assert app.count == 0
+
+        foreign = client_context(TestCA().issue("gateway"))
+        foreign.verify_mode = ssl.CERT_NONE  # only the server's check of us is under test
+        with socket.create_connection(("127.0.0.1", inbound), timeout=5) as raw, \
+                foreign.wrap_socket(raw) as tls:
+            try:
+                tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+                answer = tls.recv(1024)
+            except (ssl.SSLError, OSError) as exc:
+                answer = repr(exc).encode()
+        assert not answer.startswith(b"HTTP/"), answer  # the server closed the handshake
+        assert app.count == 0
+        text = back.admin("/metrics")[1].decode()
+        assert any(ln.startswith("meshlib_mtls_refused_total") and 'side="server"' in ln
+                   and 'reason="handshake"' in ln and not ln.endswith(" 0.0")
+                   for ln in text.splitlines()), text
