@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from meshlib.core.mtls import MtlsRefused
+from meshlib.http.backends.aio import TLSTarget, check_server
 from meshlib.http.wire import (
     END,
     LAST_CHUNK,
@@ -47,13 +47,11 @@ from meshlib.http.wire import (
     parse_head,
     take_head,
 )
-from meshlib.tls import count_refusal, handshake_refusal, verify_server
+from meshlib.tls import handshake_refusal
 
 #: ``(host, port)``, or ``(host, port, expected SPIFFE ID)`` for a mesh mTLS connection (a
 #: TLS connection is never reused for clear text, nor for another destination identity)
 Key = tuple[Any, ...]
-#: ``(client context, expected server SPIFFE ID)`` from ``meshlib.http.mtls.tls_target``
-TLSTarget = tuple[ssl.SSLContext, str]
 _READ_HIGH = 1 << 20
 _TIMED_OUT = object()
 
@@ -317,12 +315,7 @@ class UpstreamPool:
         except OSError as exc:
             raise httpx.ConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
         if tls is not None:
-            try:
-                verify_server(_t.get_extra_info("ssl_object"), tls[1])
-            except MtlsRefused as exc:
-                _t.close()
-                count_refusal("client", exc.reason)
-                raise httpx.ConnectError(f"mesh mTLS to {key[0]}:{key[1]}: {exc}") from exc
+            check_server(_t, tls[1], key)
         self.opened += 1
         return conn
 

@@ -207,13 +207,20 @@ async def connect(key: Key, timeout: float | None, tls: TLSTarget | None = None
     except OSError as exc:
         raise httpx.ConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
     if tls is not None:
-        try:
-            verify_server(_t.get_extra_info("ssl_object"), tls[1])
-        except MtlsRefused as exc:
-            _t.close()
-            count_refusal("client", exc.reason)
-            raise httpx.ConnectError(f"mesh mTLS to {key[0]}:{key[1]}: {exc}") from exc
+        check_server(_t, tls[1], key)
     return proto
+
+
+def check_server(transport: asyncio.BaseTransport, expected: str, key: Key) -> None:
+    """After a client handshake on ``transport``: the server must present ``expected``
+    (``meshlib.tls.verify_server``), else the transport is closed and the refusal counted
+    and raised as ``httpx.ConnectError``. Also used by the shim's upstream connections."""
+    try:
+        verify_server(transport.get_extra_info("ssl_object"), expected)
+    except MtlsRefused as exc:
+        transport.close()
+        count_refusal("client", exc.reason)
+        raise httpx.ConnectError(f"mesh mTLS to {key[0]}:{key[1]}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- hedging
