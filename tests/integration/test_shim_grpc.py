@@ -463,8 +463,15 @@ def test_trace_continued_by_the_shim(provider: Any, probe: Probe, shim: Any) -> 
     version, tid, span_id, flags = seen["md"]["traceparent"].split("-")
     assert tid == trace_id and span_id != parent  # same trace, the shim's own span as parent
     assert seen["md"]["tracestate"] == "vendor=opaque"
-    spans = provider.exporter.get_finished_spans()
-    ids = {format(sp.context.span_id, "016x") for sp in spans}
+    # The shim ends its spans on its own loop thread, possibly after the caller has the
+    # response: wait for the attempt span the upstream saw to be recorded.
+    deadline = time.monotonic() + 10
+    while True:
+        spans = provider.exporter.get_finished_spans()
+        ids = {format(sp.context.span_id, "016x") for sp in spans}
+        if span_id in ids or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert span_id in ids  # the attempt span the upstream saw was recorded by the shim
     assert all(format(sp.context.trace_id, "032x") == trace_id for sp in spans)
 
