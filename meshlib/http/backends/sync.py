@@ -53,18 +53,30 @@ def close_unread(value: Any) -> None:
 
 
 class SyncConnection:
-    """One HTTP/1.1 connection over a blocking socket."""
+    """One HTTP/1.1 connection over a blocking socket; mesh mTLS runs OpenSSL over memory
+    buffers (``ssl.SSLObject`` with two ``ssl.MemoryBIO``), not an ``ssl.SSLSocket``.
 
-    __slots__ = ("sock", "key", "buf", "eof", "reusable", "timeout", "tls", "poller")
+    Why: an ``SSLSocket`` on a socket with a timeout reads like this per response: a
+    ``read`` that fails with EAGAIN, a ``poll``, then (OpenSSL without read-ahead) one
+    ``read`` for the 5-byte record header and one for the record body, and ``sendall`` is a
+    Python loop. With memory BIOs the socket does exactly the clear-text connection's system
+    calls (one ``send``, one ``poll`` + ``recv`` of up to 64 KiB that may hold several
+    records) and OpenSSL only encrypts and decrypts (CPython docs, "Memory BIO Support")."""
 
-    def __init__(self, sock: socket.socket, key: Key, timeout: float | None) -> None:
+    __slots__ = ("sock", "key", "buf", "eof", "reusable", "timeout", "tls", "incoming",
+                 "outgoing", "poller")
+
+    def __init__(self, sock: socket.socket, key: Key, timeout: float | None,
+                 tls: Any = None) -> None:
         self.sock = sock
         self.key = key
         self.buf = bytearray()
         self.eof = False
         self.reusable = True
         self.timeout = timeout  # the socket's current timeout
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls: ssl.SSLObject | None = tls[0] if tls is not None else None
+        self.incoming: ssl.MemoryBIO | None = tls[1] if tls is not None else None
+        self.outgoing: ssl.MemoryBIO | None = tls[2] if tls is not None else None
         self.poller: Any = None  # select.poll of a TLS socket, made on first reuse
 
     def _settimeout(self, timeout: float | None) -> None:
@@ -79,7 +91,7 @@ class SyncConnection:
         # A socket with a timeout polls for up to that timeout *before* recv, whatever the
         # flags (CPython sock_call_ex): MSG_DONTWAIT alone stalled every reuse for the whole
         # read timeout. Timeout 0 makes the peek really non-blocking.
-        if self.tls:
+        if self.tls is not None:
             return self._tls_usable()
         self._settimeout(0.0)
         try:
@@ -92,25 +104,36 @@ class SyncConnection:
         return False
 
     def _tls_usable(self) -> bool:
-        """``usable`` for a TLS socket: ``SSLSocket.recv`` takes no flags, so first ask the
-        kernel (``poll``, no exception on the common path); only when bytes wait, read at
-        most one record without blocking: "want read" means it was only a TLS 1.3 session
-        ticket (still usable), anything else (EOF, alert, data) is not."""
-        sock = self.sock
-        if not sock.pending():  # type: ignore[attr-defined]  # an SSLSocket here
+        """``usable`` for a TLS connection: ask the kernel first (``poll``, no exception and
+        no timeout change on the common path); only when bytes wait, take them and decrypt
+        without blocking: nothing but "want read" means they were only TLS 1.3 session
+        tickets (still usable), anything else (EOF, alert, data) is not."""
+        assert self.incoming is not None and self.tls is not None
+        if not self.incoming.pending and not self.tls.pending():
             poller = self.poller
             if poller is None:
                 poller = self.poller = select.poll()
-                poller.register(sock.fileno(), select.POLLIN)
+                poller.register(self.sock.fileno(), select.POLLIN)
             if not poller.poll(0):
                 return True
-        self._settimeout(0.0)
+            self._settimeout(0.0)
+            try:
+                raw = self.sock.recv(_RECV)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not raw:
+                return False
+            self.incoming.write(raw)
         try:
-            sock.recv(1)
+            data = self.tls.read(_RECV)
         except ssl.SSLWantReadError:
             return True
-        except OSError:
+        except (OSError, ValueError):
             return False
+        if data:
+            self.buf += data  # unexpected bytes: not reusable (park() refuses it too)
         return False
 
     def park(self) -> bool:
@@ -118,8 +141,13 @@ class SyncConnection:
         return not self.eof and not self.buf
 
     def send(self, data: bytes, timeout: float | None) -> None:
+        """Write ``data``; under TLS encrypted first, so one write of the head and body is
+        one ``send`` of its records."""
         self._settimeout(timeout)
         try:
+            if self.tls is not None:
+                self.tls.write(data)
+                data = self.outgoing.read()  # type: ignore[union-attr]
             self.sock.sendall(data)
         except TimeoutError:
             raise httpx.WriteTimeout("sending the request timed out") from None
@@ -130,6 +158,9 @@ class SyncConnection:
     def fill(self, timeout: float | None) -> None:
         """Wait for more bytes or EOF, at most ``timeout`` seconds."""
         self._settimeout(timeout)
+        tls = self.tls
+        if tls is not None:
+            return self._tls_fill(tls)
         try:
             data = self.sock.recv(_RECV)
         except TimeoutError:
@@ -141,12 +172,76 @@ class SyncConnection:
         else:
             self.eof = True
 
+    def _tls_fill(self, tls: ssl.SSLObject) -> None:
+        """``fill`` under TLS: decrypt what is already received, else ``recv`` (one system
+        call for as many records as arrived) and decrypt; records without application data
+        (session tickets) make it read again."""
+        incoming = self.incoming
+        assert incoming is not None
+        try:
+            if incoming.pending or tls.pending():
+                try:
+                    data = tls.read(_RECV)
+                except ssl.SSLWantReadError:
+                    data = None
+                if data is not None:
+                    self._tls_got(data)
+                    return
+            while True:
+                raw = self.sock.recv(_RECV)
+                if not raw:  # EOF without close_notify: a ragged EOF, taken as EOF
+                    self.eof = True
+                    return
+                incoming.write(raw)
+                try:
+                    data = tls.read(_RECV)
+                except ssl.SSLWantReadError:
+                    continue
+                self._tls_got(data)
+                return
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no response data within {self.timeout}s") from None
+        except ssl.SSLZeroReturnError:
+            self.eof = True
+        except OSError as exc:
+            raise httpx.ReadError(f"read from {self.key[0]}:{self.key[1]} failed: {exc}") from exc
+
+    def _tls_got(self, data: bytes) -> None:
+        if data:
+            self.buf += data
+        else:  # close_notify
+            self.eof = True
+
     def close(self) -> None:
         self.reusable = False
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+def _handshake(sock: socket.socket, ctx: ssl.SSLContext) -> tuple[Any, ...]:
+    """A client TLS handshake over memory BIOs on the blocking ``sock`` (its timeout bounds
+    each wait): ``(SSLObject, incoming, outgoing)``."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=False)
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            out = outgoing.read()
+            if out:
+                sock.sendall(out)
+            raw = sock.recv(_RECV)
+            if not raw:
+                raise ConnectionResetError(
+                    "connection closed during the TLS handshake") from None
+            incoming.write(raw)
+    out = outgoing.read()
+    if out:
+        sock.sendall(out)
+    return obj, incoming, outgoing
 
 
 def connect(key: Key, timeout: float | None, tls: TLSTarget | None = None) -> SyncConnection:
@@ -159,10 +254,11 @@ def connect(key: Key, timeout: float | None, tls: TLSTarget | None = None) -> Sy
     except OSError as exc:
         raise httpx.ConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    session = None
     if tls is not None:
         try:
-            sock = tls[0].wrap_socket(sock)
-            verify_server(sock, tls[1])
+            session = _handshake(sock, tls[0])
+            verify_server(session[0], tls[1])
         except TimeoutError:
             sock.close()
             raise httpx.ConnectTimeout(
@@ -174,7 +270,7 @@ def connect(key: Key, timeout: float | None, tls: TLSTarget | None = None) -> Sy
         except OSError as exc:
             sock.close()
             raise httpx.ConnectError(handshake_refusal(exc, f"{key[0]}:{key[1]}")) from exc
-    return SyncConnection(sock, key, timeout)
+    return SyncConnection(sock, key, timeout, session)
 
 
 # --------------------------------------------------------------------------- hedging
