@@ -30,6 +30,7 @@ from meshlib.tls import count_refusal, handshake_refusal, verify_server
 
 Key = tuple[Any, ...]  # (host, port), or (host, port, expected SPIFFE ID) for mesh mTLS
 TLSTarget = tuple[ssl.SSLContext, str]  # (client context, expected server SPIFFE ID)
+_RECV = 65536  # largest plaintext taken from OpenSSL at once
 _READ_HIGH = 1 << 20  # pause reading with this many response bytes buffered
 
 sleep = asyncio.sleep
@@ -45,11 +46,25 @@ async def discard(value: Any) -> None:
 
 
 class AsyncConnection(asyncio.Protocol):
-    """One HTTP/1.1 connection: buffers received bytes and wakes the one reader waiting."""
+    """One HTTP/1.1 connection: buffers received bytes and wakes the one reader waiting.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: Key) -> None:
+    Mesh mTLS runs OpenSSL over memory buffers (``ssl.SSLObject`` with two ``ssl.MemoryBIO``,
+    CPython docs "Memory BIO Support") inside this protocol, on a plain transport: asyncio's
+    own TLS (``loop.create_connection(ssl=...)``, ``asyncio.sslproto``) adds a second
+    protocol, its buffers and several Python calls to every read and write."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: Key,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.loop = loop
         self.key = key
+        self.tls: ssl.SSLObject | None = None
+        self.incoming: ssl.MemoryBIO | None = None
+        self.outgoing: ssl.MemoryBIO | None = None
+        self.handshaking = False
+        if tls is not None:
+            self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = tls.wrap_bio(self.incoming, self.outgoing, server_side=False)
+            self.handshaking = True
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.waiter: asyncio.Future[Any] | None = None
@@ -66,6 +81,14 @@ class AsyncConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.incoming.write(data)  # type: ignore[union-attr]
+            if self.handshaking:
+                self._wake()
+                return
+            data = self._decrypt()
+            if not data:
+                return
         self.buf += data
         if len(self.buf) > _READ_HIGH and not self.reading_paused:
             self.reading_paused = True
@@ -88,6 +111,57 @@ class AsyncConnection(asyncio.Protocol):
             self.error = exc
         self._wake()
         self.resume_writing()
+
+    def _decrypt(self) -> bytes:
+        """The application data in the received TLS records (empty when they held none, e.g.
+        session tickets); close_notify is EOF, a TLS error ends the connection."""
+        tls = self.tls
+        assert tls is not None
+        out = b""
+        while True:
+            try:
+                chunk = tls.read(_RECV)
+            except ssl.SSLWantReadError:
+                return out
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            except ssl.SSLError as exc:
+                self.error = exc
+                self._wake()
+                if self.transport is not None:
+                    self.transport.close()
+                return out
+            if not chunk:
+                self.eof = True
+                self._wake()
+                return out
+            out = chunk if not out else out + chunk
+
+    async def handshake(self) -> None:
+        """Complete the client TLS handshake (the caller bounds it with its timeout)."""
+        tls, outgoing, t = self.tls, self.outgoing, self.transport
+        assert tls is not None and outgoing is not None and t is not None
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                out = outgoing.read()
+                if out:
+                    t.write(out)
+                if self.eof or self.error is not None:
+                    raise ConnectionResetError(
+                        "connection closed during the TLS handshake") from self.error
+                w = self.waiter = self.loop.create_future()
+                await w
+        out = outgoing.read()
+        if out:
+            t.write(out)
+        self.handshaking = False
+        if self.incoming.pending:  # type: ignore[union-attr]  # records after the handshake
+            data = self._decrypt()
+            if data:
+                self.buf += data
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -123,6 +197,9 @@ class AsyncConnection(asyncio.Protocol):
     async def send(self, data: bytes, timeout: float | None) -> None:
         """Write ``data``; wait for the transport to drain first if it is over its high-water
         mark (at most ``timeout`` seconds)."""
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self.outgoing.read()  # type: ignore[union-attr]
         self.transport.write(data)  # type: ignore[union-attr]
         if self.paused:
             await self.drain(timeout)
@@ -191,23 +268,42 @@ async def connect(key: Key, timeout: float | None, tls: TLSTarget | None = None
     handshake and check the server's identity (``meshlib.tls.verify_server``)."""
     loop = asyncio.get_running_loop()
     try:
-        if tls is None:
-            coro = loop.create_connection(lambda: AsyncConnection(loop, key), key[0], key[1])
-        else:
-            coro = loop.create_connection(lambda: AsyncConnection(loop, key), key[0], key[1],
-                                          ssl=tls[0], ssl_handshake_timeout=timeout)
         if timeout is None:
-            _t, proto = await coro
+            proto = await _open(loop, key, tls)
         else:
-            _t, proto = await asyncio.wait_for(coro, timeout)
+            proto = await asyncio.wait_for(_open(loop, key, tls), timeout)
     except TimeoutError:
         raise httpx.ConnectTimeout(f"connect to {key[0]}:{key[1]} timed out") from None
     except ssl.SSLError as exc:
         raise httpx.ConnectError(handshake_refusal(exc, f"{key[0]}:{key[1]}")) from exc
+    except _HandshakeLost as exc:
+        raise httpx.ConnectError(handshake_refusal(exc, f"{key[0]}:{key[1]}")) from exc
     except OSError as exc:
         raise httpx.ConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
     if tls is not None:
-        check_server(_t, tls[1], key)
+        _check(proto.tls, proto.transport, tls[1], key)  # type: ignore[arg-type]
+    return proto
+
+
+class _HandshakeLost(Exception):
+    """The server closed the connection during the TLS handshake."""
+
+
+async def _open(loop: asyncio.AbstractEventLoop, key: Key, tls: TLSTarget | None
+                ) -> AsyncConnection:
+    """TCP connect, then (``tls``) the TLS handshake; the connection is closed on failure."""
+    ctx = None if tls is None else tls[0]
+    t, proto = await loop.create_connection(lambda: AsyncConnection(loop, key, ctx),
+                                            key[0], key[1])
+    if tls is not None:
+        try:
+            await proto.handshake()
+        except ConnectionResetError as exc:
+            t.close()
+            raise _HandshakeLost(str(exc)) from exc
+        except BaseException:
+            t.close()
+            raise
     return proto
 
 
@@ -215,8 +311,12 @@ def check_server(transport: asyncio.BaseTransport, expected: str, key: Key) -> N
     """After a client handshake on ``transport``: the server must present ``expected``
     (``meshlib.tls.verify_server``), else the transport is closed and the refusal counted
     and raised as ``httpx.ConnectError``. Also used by the shim's upstream connections."""
+    _check(transport.get_extra_info("ssl_object"), transport, expected, key)
+
+
+def _check(ssl_object: Any, transport: asyncio.BaseTransport, expected: str, key: Key) -> None:
     try:
-        verify_server(transport.get_extra_info("ssl_object"), expected)
+        verify_server(ssl_object, expected)
     except MtlsRefused as exc:
         transport.close()
         count_refusal("client", exc.reason)
