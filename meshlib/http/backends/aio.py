@@ -136,6 +136,8 @@ class AsyncConnection(asyncio.Protocol):
                 self._wake()
                 return out
             out = chunk if not out else out + chunk
+            if not self.incoming.pending and not tls.pending():  # type: ignore[union-attr]
+                return out  # all decrypted: no second read just to raise "want read"
 
     async def handshake(self) -> None:
         """Complete the client TLS handshake (the caller bounds it with its timeout)."""
