@@ -227,38 +227,6 @@ class RawUpstream:
 
     def _conn(self, conn: socket.socket) -> None:
         buf = b""
-        with conn:
-            while True:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                while b"\r\n\r\n" in buf:
-                    head, _, buf = buf.partition(b"\r\n\r\n")
-                    self.heads.append(head)
-                    self.count += 1
-                    try:
-                        conn.sendall(self.reply)
-                    except OSError:
-                        return
-                    if self.close_after:
-                        return
-
-    def stop(self) -> None:
-        self.alive = False
-        self.sock.close()
-
-
-class RacingUpstream(RawUpstream):
-    """Keep-alive race: answers the first request of each connection (keep-alive, no
-    ``Connection: close``), then reads the second request and closes without answering,
-    the way a server whose idle timeout fires as a request arrives does."""
-
-    def _conn(self, conn: socket.socket) -> None:
-        buf = b""
         served = 0
         with conn:
             while True:
@@ -273,10 +241,34 @@ class RacingUpstream(RawUpstream):
                     head, _, buf = buf.partition(b"\r\n\r\n")
                     self.heads.append(head)
                     self.count += 1
-                    if served:
-                        return  # closed under the reused connection
+                    if not self._respond(conn, served):
+                        return
                     served += 1
-                    conn.sendall(self.reply)
+
+    def _respond(self, conn: socket.socket, served: int) -> bool:
+        """Answer the request that arrived after ``served`` answered ones on ``conn``;
+        False closes the connection."""
+        try:
+            conn.sendall(self.reply)
+        except OSError:
+            return False
+        return not self.close_after
+
+    def stop(self) -> None:
+        self.alive = False
+        self.sock.close()
+
+
+class RacingUpstream(RawUpstream):
+    """Keep-alive race: answers the first request of each connection (keep-alive, no
+    ``Connection: close``), then reads the second request and closes without answering,
+    the way a server whose idle timeout fires as a request arrives does."""
+
+    def _respond(self, conn: socket.socket, served: int) -> bool:
+        if served:
+            return False  # closed under the reused connection
+        conn.sendall(self.reply)
+        return True
 
 
 class SimpleApp:
