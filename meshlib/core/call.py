@@ -64,11 +64,11 @@ from meshlib.core.actions import (
 )
 from meshlib.core.deadline import Deadline
 from meshlib.core.destination import DestinationState, Plan
-from meshlib.core.health import ADMIT
+from meshlib.core.health import ADMIT, CLOSED
 from meshlib.core.hedged import run_hedged
 from meshlib.core.outcome import Outcome
-from meshlib.core.retry import FINISH, CallState, Fail, Retry, is_idempotent
-from meshlib.core.steps import choose, report
+from meshlib.core.retry import _NONE_TRIED, FINISH, CallState, Fail, Retry, is_idempotent
+from meshlib.core.steps import choose_after, report
 
 __all__ = [
     "HEDGE",
@@ -121,7 +121,12 @@ def run_call(
 
     if not plan.endpoint_count:
         return CallEnd(None, 0, FailureKind.NO_ENDPOINTS, no_endpoints_message(dest, plan))
-    if not dest.acquire():
+    # Shortcut S5 (docs/design.md 9): DestinationState.acquire / release as the token
+    # deque's pop / append (release's debt path still goes through release()).
+    tokens = dest.tokens
+    try:
+        tokens.pop()
+    except IndexError:
         return CallEnd(None, 0, FailureKind.CONCURRENCY,
                        f"service {service!r}: concurrency limit reached "
                        f"({plan.max_requests} requests in flight)")
@@ -148,28 +153,53 @@ def run_call(
             idempotent = is_idempotent(
                 method, has_idempotency_key is not None and method not in retry.methods
                 and has_idempotency_key(), retry)
-        state = CallState(retry.deposit_and_deadline(t, deadline), idempotent, replayable, grpc)
+        dl = retry.deposit_and_deadline(t, deadline)
         if plan.hedging and not grpc and idempotent and replayable and len(candidates_all) > 1:
-            return (yield from cast(CallGen, run_hedged(dest, plan, state, candidates_all,
+            hedged = CallState(dl, idempotent, replayable, grpc)
+            return (yield from cast(CallGen, run_hedged(dest, plan, hedged, candidates_all,
                                                         hash_key, observer, t)))
         # The plain attempt loop: pick, admit, attempt, record, decide.
         health = dest.health
         stats = dest.stats
         health_slots = health.slots
         load_slots = stats.slots
-        dl = state.deadline
         per_try = retry.per_try_timeout  # RetryPolicy.attempt_timeout is dl.per_try(t, this)
+        at = dl.at
+        balancer = plan.balancer
+        zoned = plan.zoned
         result: AttemptResult | None = None
+        # Shortcut S6 (docs/design.md 9): the CallState is made when a first attempt fails
+        # (RetryPolicy.decide_after needs it); until then the attempt count is local and
+        # ``tried`` the shared empty set, what CallState.begin_attempt would hold.
+        state: CallState | None = None
+        tried: set[str] | frozenset[str] = _NONE_TRIED
+        n = 0
         while True:
-            if dl.expired(t):
-                return deadline_end(service, result, state.attempt)
-            ep, admission = choose(plan, health, candidates_all, state.tried, hash_key, t)
-            if ep is None:
-                return unusable_end(service, result, state.attempt, len(candidates_all),
-                                    admission)
+            if at is not None and t >= at:  # S6: Deadline.expired
+                return deadline_end(service, result, n)
+            # Shortcut S4: steps.choose's first pick, with S1 on its endpoint; anything
+            # else (no pick, a breaker not closed) continues in steps.choose_after.
+            candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
+            ep = balancer.pick(candidates, tried, hash_key, t)
+            hs = health_slots.get(ep.key) if ep is not None else None
+            if hs is not None and hs.state is CLOSED:
+                admission = ADMIT
+            else:
+                ep, admission = choose_after(plan, health, candidates_all, tried, hash_key, t,
+                                             ep, candidates)
+                if ep is None:
+                    return unusable_end(service, result, n, len(candidates_all), admission)
             key = ep.key
-            state.begin_attempt(key)
-            n = state.attempt
+            n += 1
+            if state is not None:
+                state.begin_attempt(key)
+            # S6: Deadline.per_try, min(per_try_timeout, remaining)
+            if at is None:
+                timeout = per_try
+            else:
+                timeout = at - t
+                if per_try is not None and per_try < timeout:
+                    timeout = per_try
             # Shortcut S2 (docs/design.md 9): LoadStats.start without its frame when no
             # balancer reads latency; held to LoadStats by test_core_call_differential.py.
             ls = load_slots.get(key)
@@ -179,7 +209,7 @@ def run_call(
                 ls.in_flight += 1
                 start = t
             try:
-                result = yield Attempt(ep, dl.per_try(t, per_try), n, dl)
+                result = yield Attempt(ep, timeout, n, dl)
             except BaseException:  # cancelled mid-attempt: free the trial slot and the load
                 t = now()
                 stats.finish(ep, start, t, False)
@@ -206,6 +236,10 @@ def run_call(
             events = health.record(ep, outcome, admission, t)
             if events:
                 report(dest, observer, events)
+            if state is None:  # S6: the state begin_attempt would have built
+                state = CallState(dl, idempotent, replayable, grpc)
+                state.attempt = n
+                tried = state.tried = {key}
             d = retry.decide_after(state, result, t)
             if d is FINISH:
                 return ended(service, result, n, dl, t)
@@ -218,7 +252,10 @@ def run_call(
                 yield Sleep(delay, "backoff")
                 t = now()
     finally:
-        dest.release()
+        if dest.debt:  # S5: DestinationState.release
+            dest.release()
+        else:
+            tokens.append(None)
 
 
 def no_endpoints_message(dest: DestinationState, plan: Plan) -> str:

@@ -45,11 +45,22 @@ def choose(plan: Plan, health: HealthRegistry, candidates_all: tuple[Any, ...],
     ``len(candidates_all) + 1`` picks in a row (a refusal blocks that endpoint, so the next
     pick goes elsewhere: the bound only ends a loop of breakers flipping under concurrency).
     """
+    candidates = plan.zones.select(candidates_all, t) if plan.zoned else candidates_all
+    return choose_after(plan, health, candidates_all, tried, hash_key, t,
+                        plan.balancer.pick(candidates, tried, hash_key, t), candidates)
+
+
+def choose_after(plan: Plan, health: HealthRegistry, candidates_all: tuple[Any, ...],
+                 tried: set[str] | frozenset[str], hash_key: str | None, t: float,
+                 ep: Any, candidates: tuple[Any, ...]) -> tuple[Any, int]:
+    """:func:`choose` after its first ``balancer.pick`` (``ep``, from ``candidates``).
+
+    ``run_call`` makes that first pick itself (shortcut S4, docs/design.md 9) and calls
+    this when the pick is not an endpoint with a closed breaker; ``choose`` is exactly the
+    first pick followed by this function."""
     balancer = plan.balancer
     refused = 0
     while True:
-        candidates = plan.zones.select(candidates_all, t) if plan.zoned else candidates_all
-        ep = balancer.pick(candidates, tried, hash_key, t)
         if ep is None:
             ep = fallback_pick(balancer, candidates, candidates_all, tried, hash_key, t)
             if ep is None:
@@ -66,3 +77,5 @@ def choose(plan: Plan, health: HealthRegistry, candidates_all: tuple[Any, ...],
         refused += 1
         if refused > len(candidates_all):
             return None, REJECT
+        candidates = plan.zones.select(candidates_all, t) if plan.zoned else candidates_all
+        ep = balancer.pick(candidates, tried, hash_key, t)
