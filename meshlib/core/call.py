@@ -175,7 +175,7 @@ def run_call(
         tried: set[str] | frozenset[str] = _NONE_TRIED
         n = 0
         while True:
-            if at is not None and t >= at:  # S6: Deadline.expired
+            if dl.expired(t):
                 return deadline_end(service, result, n)
             # Shortcut S4: steps.choose's first pick, with S1 on its endpoint; anything
             # else (no pick, a breaker not closed) continues in steps.choose_after.

@@ -13,7 +13,9 @@ leave identical health, load and budget state while every attempt runs and after
 
 The shortcuts ``run_call`` keeps for the common case (docs/design.md 9: S1 admission of a
 closed breaker, S2 load counts without latency tracking, S3 an admitted success on a quiet
-slot) are each exercised here in both directions: policies with and without breakers and latency tracking (``peak_ewma``), HTTP and
+slot; S4 the first pick, S5 the token deque for ``acquire`` / ``release``, including a
+slot that became debt, S6 the lazy ``CallState`` and the inlined ``Deadline`` reads) are each
+exercised here in both directions: policies with and without breakers and latency tracking (``peak_ewma``), HTTP and
 gRPC calls (``grpc=True``: every status retried on ``grpc_retry_on``, committed results,
 pushback), one endpoint and four, with and without a caller's deadline.
 """
@@ -106,6 +108,10 @@ def _dest(raw: dict[str, Any], seed: int, count: int = 4) -> tuple[DestinationSt
     return dest, clock
 
 
+#: an attempt that takes exactly its timeout (a real timeout; lands on the deadline itself)
+WHOLE = -1.0
+
+
 class Script:
     """The outcomes and durations of one call's attempts, drawn once and replayed on both
     sides (attempt ``n`` gets the same result and takes the same time on each)."""
@@ -113,18 +119,24 @@ class Script:
     def __init__(self, rng: random.Random, grpc: bool = False,
                  caller_timeout: float | None = None) -> None:
         results = GRPC_RESULTS if grpc else RESULTS
-        self.steps = [(rng.choice(results), rng.choice((0.0, 0.001, 0.02, 0.07)))
+        self.steps = [(rng.choice(results), rng.choice((0.0, 0.001, 0.02, 0.07, WHOLE)))
                       for _ in range(6)]
         self.gap = rng.choice((0.0, 0.005, 0.05, 0.3))  # time before the call starts
         self.grpc = grpc
         self.caller_timeout = caller_timeout
+        #: the concurrency limit drops to 0 during the first attempt (a policy change): the
+        #: call's slot becomes debt, which its release pays back (DestinationState.release)
+        self.shrink = rng.random() < 0.2
 
     def deadline(self, now: float) -> Deadline | None:
         """The caller's deadline (a gRPC ``timeout``), the same object on both sides."""
         return None if self.caller_timeout is None else Deadline(now + self.caller_timeout)
 
-    def answer(self, n: int) -> tuple[AttemptResult, float]:
-        return self.steps[min(n, len(self.steps)) - 1]
+    def answer(self, n: int, timeout: float | None) -> tuple[AttemptResult, float]:
+        result, took = self.steps[min(n, len(self.steps)) - 1]
+        if took == WHOLE:
+            took = 0.07 if timeout is None else timeout
+        return result, took
 
 
 def during(dest: DestinationState, key: str, timeout: float | None) -> tuple[Any, ...]:
@@ -146,7 +158,9 @@ def drive(dest: DestinationState, clock: Clock, script: Script) -> tuple[CallEnd
                 continue
             assert isinstance(action, Attempt)
             picks.append(during(dest, action.endpoint.key, action.timeout))
-            result, took = script.answer(action.number)
+            if action.number == 1 and script.shrink:
+                dest.set_limit(0)
+            result, took = script.answer(action.number, action.timeout)
             clock.advance(took)
             action = gen.send(result)
     except StopIteration as stop:
@@ -192,8 +206,11 @@ def _reference_loop(dest: DestinationState, clock: Clock,
         rejects = 0  # the bound on refusals is per attempt
         state.begin_attempt(ep.key)
         start = stats.start(ep, t)
-        picks.append(during(dest, ep.key, retry.attempt_timeout(state, t)))
-        result, took = script.answer(state.attempt)
+        timeout = retry.attempt_timeout(state, t)
+        picks.append(during(dest, ep.key, timeout))
+        if state.attempt == 1 and script.shrink:
+            dest.set_limit(0)
+        result, took = script.answer(state.attempt, timeout)
         clock.advance(took)
         t = clock()
         stats.finish(ep, start, t, result.outcome is Outcome.SUCCESS)
@@ -223,7 +240,7 @@ def state_of(dest: DestinationState) -> dict[str, Any]:
     assert b is not None
     budget = (tuple(b._dep), tuple(b._wd), b.current - b._folded, b._cur)
     return {"health": health, "load": load, "budget": budget,
-            "inflight": dest.inflight}
+            "inflight": dest.inflight, "tokens": len(dest.tokens), "debt": dest.debt}
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: f"grpc={m[0]}-eps={m[1]}-dl={m[2]}")
@@ -247,3 +264,6 @@ def test_run_call_leaves_the_state_the_home_methods_leave(
         assert (end.failure, end.attempts, end.stopped) == ref_end, where
         assert plan_clock.t == ref_clock.t, where
         assert state_of(plan_dest) == state_of(ref_dest), where
+        if script.shrink:  # the policy's limit again, on both sides
+            plan_dest.set_limit(plan_dest.plan().max_requests)
+            ref_dest.set_limit(ref_dest.plan().max_requests)
