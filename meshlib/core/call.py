@@ -41,7 +41,7 @@ and ``tests/unit/test_core_call_differential.py`` holds each to its home method
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from meshlib.core.actions import (
     HEDGE,
@@ -180,7 +180,7 @@ def run_call(
             # Shortcut S4: steps.choose's first pick, with S1 on its endpoint; anything
             # else (no pick, a breaker not closed) continues in steps.choose_after.
             candidates = plan.zones.select(candidates_all, t) if zoned else candidates_all
-            ep = balancer.pick(candidates, tried, hash_key, t)
+            ep: Any = balancer.pick(candidates, tried, hash_key, t)
             hs = health_slots.get(ep.key) if ep is not None else None
             if hs is not None and hs.state is CLOSED:
                 admission = ADMIT
