@@ -30,11 +30,16 @@ One source for every rule: the loop below calls the home method of every decisio
 (``HealthRegistry.admit`` / ``record``, ``LoadStats.start`` / ``finish``,
 ``CallState.begin_attempt``, ``Deadline.per_try``, ``RetryPolicy.decide_after``,
 ``DestinationState.acquire`` / ``release``, :func:`meshlib.core.steps.choose`), except in
-three shortcuts of the common case (one attempt that succeeds), marked S1-S3 below and in
+six shortcuts of the common case (one attempt that succeeds), marked S1-S6 below and in
 ``steps.choose``: S1 a closed breaker admits, S2 load counts without latency tracking, S3 an
-admitted success on a quiet slot records nothing and finishes. Together they save ~0.4 us of
-a ~2.3 us warm plan, ~1 % of a local gRPC call in ``bench/grpc_overhead.py`` (cold caches),
-and ``tests/unit/test_core_call_differential.py`` holds each to its home method
+admitted success on a quiet slot records nothing and finishes, S4 the first pick made here
+(``steps.choose_after`` continues anything else), S5 the concurrency token taken and returned
+on the deque itself, S6 the ``CallState`` made only when a first attempt fails, with
+``Deadline.per_try`` read inline. Code after a real network wait runs with cold caches,
+where each function and object on the path costs several times its warm price: S1-S3 save
+~0.4 us of a ~2.3 us warm plan, S4-S6 ~0.3 us more, ~1-1.5 % of a local gRPC call in
+``bench/grpc_overhead.py`` together (``bench/grpc_cold.py`` measures the plan's cold cost
+directly). ``tests/unit/test_core_call_differential.py`` holds each to its home method
 (docs/design.md, sections 9 and 14, "the inlining rule").
 """
 
