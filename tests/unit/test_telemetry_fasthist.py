@@ -13,7 +13,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from meshlib.core.outcome import Outcome
 from meshlib.telemetry import semconv as sc
-from meshlib.telemetry.fasthist import FastHistogram, HistogramChild
+from meshlib.telemetry.fasthist import PENDING_MAX, FastHistogram, HistogramChild
 from meshlib.telemetry.metrics import MeshMetrics
 from meshlib.telemetry.recorders import (
     HttpClientRecorder,
@@ -164,3 +164,131 @@ def test_attempt_enum_and_string_outcomes_share_one_series() -> None:
                                        "outcome": "timeout"}) == 4
     assert reg.get_sample_value(name, {"server_address": "orders", "attempt": "3+",
                                        "outcome": "timeout"}) == 2
+
+
+#: Exactly representable observations (multiples of 1/1024), each in a known bucket of
+#: (0.005, 0.01, 0.1, 1.0): sums of them are exact in any order.
+EXACT = ((1 / 1024, "0.005"), (10 / 1024, "0.01"), (100 / 1024, "0.1"), (1.0, "1.0"),
+         (2048 / 1024, "+Inf"))
+EXACT_BOUNDS = (0.005, 0.01, 0.1, 1.0)
+
+
+def _observe_concurrently(h: FastHistogram, threads: int, per_thread: int,
+                          done: threading.Event | None = None,
+                          midway: threading.Event | None = None) -> None:
+    """``threads`` threads each observe ``per_thread`` values cycling through EXACT; each
+    waits for ``midway`` (when given) halfway through; ``done`` is set when all are done."""
+    barrier = threading.Barrier(threads)
+
+    def work(k: int) -> None:
+        child = h.labels("x")
+        barrier.wait()
+        for i in range(per_thread):
+            if i == per_thread // 2 and midway is not None:
+                assert midway.wait(30), "the scraper never saw a partial count"
+            child.observe(EXACT[(i + k) % len(EXACT)][0])
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if done is not None:
+        done.set()
+
+
+def _expected(threads: int, per_thread: int) -> tuple[dict[str, float], float]:
+    """Cumulative bucket counts by ``le`` and the exact sum for _observe_concurrently."""
+    per_bucket = dict.fromkeys((le for _, le in EXACT), 0)
+    total = 0.0
+    for k in range(threads):
+        for i in range(per_thread):
+            v, le = EXACT[(i + k) % len(EXACT)]
+            per_bucket[le] += 1
+            total += v
+    cumulative, acc = {}, 0
+    for _, le in EXACT:
+        acc += per_bucket[le]
+        cumulative[le] = float(acc)
+    return cumulative, total
+
+
+def _assert_exact(reg: CollectorRegistry, threads: int, per_thread: int) -> None:
+    cumulative, total = _expected(threads, per_thread)
+    for le, n in cumulative.items():
+        assert reg.get_sample_value("p_seconds_bucket", {"a": "x", "le": le}) == n, le
+    assert reg.get_sample_value("p_seconds_count", {"a": "x"}) == threads * per_thread
+    assert reg.get_sample_value("p_seconds_sum", {"a": "x"}) == total  # exact, not approx
+
+
+def test_deferred_observations_are_exact_under_concurrent_observers() -> None:
+    reg = CollectorRegistry()
+    h = FastHistogram("p_seconds", "p", ("a",), EXACT_BOUNDS, registry=reg)
+    threads, per_thread = 8, 10_001  # not a multiple of the bound: some stay pending
+    _observe_concurrently(h, threads, per_thread)
+    assert len(h.labels("x")._pending) > 0  # the scrape below has pending items to fold
+    _assert_exact(reg, threads, per_thread)
+    assert len(h.labels("x")._pending) == 0
+
+
+def test_deferred_observations_are_exact_with_a_concurrent_scraper() -> None:
+    reg = CollectorRegistry()
+    h = FastHistogram("p_seconds", "p", ("a",), EXACT_BOUNDS, registry=reg)
+    threads, per_thread = 6, 10_001
+    done, midway = threading.Event(), threading.Event()
+    scrapes: list[dict[str, float]] = []
+    errors: list[BaseException] = []
+
+    def scrape() -> None:
+        try:
+            while not done.is_set():
+                seen = {s.labels.get("le", s.name): s.value for m in h.collect()
+                        for s in m.samples if s.name in ("p_seconds_bucket", "p_seconds_count")}
+                if seen:
+                    scrapes.append(seen)
+                    if seen["p_seconds_count"] > 0:
+                        midway.set()  # observers wait for this halfway: a scrape in between
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    _observe_concurrently(h, threads, per_thread, done=done, midway=midway)
+    scraper.join()
+    assert not errors
+    total = threads * per_thread
+    assert any(0 < seen["p_seconds_count"] < total for seen in scrapes)  # ran in between
+    keys = [le for _, le in EXACT] + ["p_seconds_count"]
+    for earlier, later in zip(scrapes, scrapes[1:], strict=False):
+        for key in keys:
+            assert later[key] >= earlier[key], (key, earlier, later)
+    for seen in scrapes:  # each scrape is itself consistent: cumulative and count == +Inf
+        values = [seen[le] for _, le in EXACT]
+        assert values == sorted(values)
+        assert seen["p_seconds_count"] == seen["+Inf"]
+    _assert_exact(reg, threads, per_thread)
+
+
+def test_pending_queue_stays_within_the_bound_without_scrapes() -> None:
+    reg = CollectorRegistry()
+    h = FastHistogram("p_seconds", "p", ("a",), EXACT_BOUNDS, registry=reg)
+    child = h.labels("x")
+    per_thread = PENDING_MAX * 7 + 3
+    longest = 0
+    for i in range(per_thread):
+        child.observe(EXACT[i % len(EXACT)][0])
+        longest = max(longest, len(child._pending))
+        assert len(child._pending) <= PENDING_MAX
+    assert longest == PENDING_MAX  # it does defer, up to the bound
+    assert len(child._pending) == per_thread % (PENDING_MAX + 1)
+    _assert_exact(reg, 1, per_thread)
+
+
+def test_snapshot_includes_every_earlier_observation() -> None:
+    h = FastHistogram("s_seconds", "s", (), (0.1, 1.0), registry=None)
+    child = h.labels()
+    child.observe(0.5)
+    child.observe(0.05)
+    assert child.snapshot() == ([1, 1, 0], 0.55)
+    child.observe(3.0)
+    assert child.snapshot() == ([1, 1, 1], 3.55)
