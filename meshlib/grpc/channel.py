@@ -43,14 +43,48 @@ import grpc
 
 from meshlib.core.call import Attempt, AttemptResult, Sleep
 from meshlib.core.outcome import Outcome
-from meshlib.grpc.attempt import OK_RESULT, result_from_error
+from meshlib.grpc.attempt import OK_RESULT, base_metadata, result_from_error, start_call
 from meshlib.grpc.base import MeshChannelBase, MultiCallableBase
-from meshlib.grpc.driver import CallDriver
+from meshlib.grpc.driver import AdoptedDriver, CallDriver
+from meshlib.telemetry.tracing import NOOP_CALL
+from meshlib.telemetry.tracing import state as _tstate
 
 _sleep = time.sleep
+perf_counter = time.perf_counter
 
 
 # --------------------------------------------------------------------------- unary response
+
+
+def _drive(drv: CallDriver, action: Any, request: Any, credentials: Any, wait_for_ready: Any,
+           compression: Any, with_call: bool, resp: Any = None) -> Any:
+    """The blocking call's general loop from ``action`` on: attempts (each sent with the
+    endpoint's own multicallable), backoff sleeps, and the end (``drv.finish``)."""
+    try:
+        while True:
+            cls = action.__class__
+            if cls is Attempt:
+                mc, md = drv.start_attempt(action)
+                send = mc.with_call if with_call else mc  # with_call: (response, call)
+                try:
+                    resp = send(request, action.timeout, md, credentials, wait_for_ready,
+                                compression)
+                except grpc.RpcError as err:
+                    action = drv.failed(err)
+                else:
+                    action = drv.ok()
+            elif cls is Sleep:
+                _sleep(action.seconds)
+                action = drv.advance(None)
+            else:
+                break
+    except BaseException as exc:
+        drv.abort(exc)
+        raise
+    error = drv.finish(action)
+    if error is not None:
+        raise error
+    return resp
 
 
 class _UnaryResponse(MultiCallableBase):
@@ -72,38 +106,69 @@ class _UnaryResponse(MultiCallableBase):
                   credentials: Any = None, wait_for_ready: bool | None = None,
                   compression: Any = None, with_call: bool = False) -> Any:
         """``__call__`` (``with_call`` False: the response) and ``with_call`` (True: the
-        response and the call): the call's I/O around one :class:`CallDriver`."""
-        drv = CallDriver(self, metadata, timeout)
-        resp = None
+        response and the call): the call's I/O around one :class:`CallDriver`.
+
+        Shortcut T3 (docs/design.md 9): while tracing is off and nothing is passed through
+        (no span, no trace context to send), the first attempt runs without a driver
+        object: the plan, the endpoint's cached multicallable, the attempt, and, when it
+        succeeds, what ``CallDriver.ok`` and ``finish`` record for a first attempt that
+        succeeded (``RpcTelemetry.ok_attempt``, then ``RpcTelemetry.ok``). Anything else
+        (no cached multicallable, the plan ending or sleeping first, an error, an exception)
+        is handed to an :class:`AdoptedDriver` at the point reached and continues in
+        :func:`_drive`. ``tests/unit/test_grpc_blocking_fast_path.py`` holds it to the
+        driver: the same scripted calls through both leave the same metrics, plan state,
+        responses and errors."""
+        started = perf_counter()
+        if started >= _tstate.off_until or _tstate.passthrough:
+            drv = CallDriver(self, metadata, timeout)
+            return _drive(drv, drv.advance(None), request, credentials, wait_for_ready,
+                          compression, with_call)
+        gen = start_call(self._dest, self._method, metadata, timeout, self._replayable,
+                         self._observer)
         try:
-            action = drv.advance(None)
-            while True:
-                cls = action.__class__
-                if cls is Attempt:
-                    mc, md = drv.start_attempt(action)  # type: ignore[arg-type]
-                    try:
-                        if with_call:
-                            resp = mc.with_call(request, action.timeout, md,  # type: ignore[union-attr]
-                                                credentials, wait_for_ready, compression)
-                        else:
-                            resp = mc(request, action.timeout, md,  # type: ignore[union-attr]
-                                      credentials, wait_for_ready, compression)
-                    except grpc.RpcError as err:
-                        action = drv.failed(err)
-                    else:
-                        action = drv.ok()
-                elif cls is Sleep:
-                    _sleep(action.seconds)  # type: ignore[union-attr]
-                    action = drv.advance(None)
-                else:
-                    break
+            action = gen.send(None)
+        except StopIteration as stop:  # ended before any attempt (no endpoints, a fault)
+            return _drive(AdoptedDriver(self, metadata, None, started), stop.value, request,
+                          credentials, wait_for_ready, compression, with_call)
         except BaseException as exc:
-            drv.abort(exc)
+            AdoptedDriver(self, metadata, gen, started).abort(exc)
             raise
-        error = drv.finish(action)  # type: ignore[arg-type]
-        if error is not None:
-            raise error
-        return resp
+        if action.__class__ is Attempt:
+            mc = self._mcs.get(action.endpoint.key) if self._gen == self._pool.generation \
+                else None
+            if mc is not None:
+                md = metadata if not self._extra else base_metadata(metadata, self._extra)
+                send = mc.with_call if with_call else mc
+                t0 = perf_counter()
+                try:
+                    resp = send(request, action.timeout, md, credentials, wait_for_ready,
+                                compression)
+                except grpc.RpcError as err:
+                    drv = AdoptedDriver(self, metadata, gen, started, action, t0)
+                    return _drive(drv, drv.failed(err), request, credentials, wait_for_ready,
+                                  compression, with_call)
+                except BaseException as exc:
+                    AdoptedDriver(self, metadata, gen, started, action, t0).abort(exc)
+                    raise
+                tel = self._tel
+                tel.ok_attempt.observe(perf_counter() - t0)
+                try:
+                    end = gen.send(OK_RESULT)
+                except StopIteration as stop:
+                    end = stop.value
+                except BaseException as exc:
+                    AdoptedDriver(self, metadata, gen, started).abort(exc)
+                    raise
+                else:  # the plan went on after a success (it does not): the general loop
+                    return _drive(AdoptedDriver(self, metadata, gen, started), end, request,
+                                  credentials, wait_for_ready, compression, with_call, resp)
+                if end.result is OK_RESULT:
+                    tel.ok(NOOP_CALL, perf_counter() - started)
+                    return resp
+                return _drive(AdoptedDriver(self, metadata, None, started), end, request,
+                              credentials, wait_for_ready, compression, with_call, resp)
+        return _drive(AdoptedDriver(self, metadata, gen, started), action, request,
+                      credentials, wait_for_ready, compression, with_call)
 
     __call__ = _blocking
 

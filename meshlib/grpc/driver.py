@@ -38,7 +38,10 @@ the call before it propagates, so a shell cannot forget it; a shell wraps its ow
 ``except BaseException: self.abort(exc); raise`` (a second abort is a no-op).
 
 Cost: the per-call objects of the future, stream and aio shells *are* drivers (subclasses:
-no object more per call); the blocking call makes one driver (its former local variables).
+no object more per call); the blocking call makes one driver (its former local variables),
+or, while tracing is off, runs a first attempt that succeeds without one (shortcut T3 in
+``meshlib.grpc.channel``, docs/design.md 9) and hands anything else to an
+:class:`AdoptedDriver`.
 Every method is a plain function on ``__slots__``; the common case (first attempt OK) runs
 ``__init__``, ``advance``, ``start_attempt``, ``ok`` (which records the attempt on the
 pre-resolved success series itself, then ``advance``) and ``finish`` (``RpcTelemetry.ok``).
@@ -77,7 +80,7 @@ from meshlib.telemetry.tracing import state as _tstate
 if TYPE_CHECKING:
     from meshlib.grpc.base import MultiCallableBase
 
-__all__ = ["CallDriver"]
+__all__ = ["AdoptedDriver", "CallDriver"]
 
 _SUCCESS = Outcome.SUCCESS
 _LOCAL = Outcome.LOCAL
@@ -289,3 +292,33 @@ class CallDriver:
                 tel.method.call(code, None, seconds)
                 self._span.end(code, None)
         return True
+
+
+class AdoptedDriver(CallDriver):
+    """The driver of a blocking call begun on the shell's fast path (shortcut T3,
+    docs/design.md 9), taking over where the fast path stops.
+
+    ``gen`` is the plan (None when it has ended), ``started`` the call's start, and
+    ``attempt`` (begun at ``t0``) the first attempt when it is in flight. The fast path
+    runs only while tracing is off and nothing is passed through, so the call span is the
+    no-op one. This constructor sets what :meth:`CallDriver.__init__` (and, for an attempt
+    in flight, :meth:`CallDriver.start_attempt`) would have set; a unit test compares every
+    slot with a driver that ran them."""
+
+    __slots__ = ()
+
+    def __init__(self, owner: MultiCallableBase, metadata: Any, gen: CallGen | None,
+                 started: float, attempt: Attempt | None = None, t0: float = 0.0) -> None:
+        self._owner = owner
+        self._started = started
+        self._gen = gen
+        self._tel = owner._tel
+        self._span = NOOP_CALL
+        self._md = base_metadata(metadata, owner._extra)
+        self._aspan = None
+        self._deadline = None
+        if attempt is not None:
+            self._aspan = NOOP_ATTEMPT
+            self._n = attempt.number
+            self._deadline = attempt.deadline
+            self._t0 = t0
