@@ -47,51 +47,39 @@ def measure(calls: int) -> tuple[float, float]:
     from grpc_proto import meshtest_pb2 as pb
     from grpc_proto import meshtest_pb2_grpc as pb_grpc
 
-    from meshlib import Mesh
-    from meshlib.testing.etcd import EtcdServer
+    import meshlib  # from ROOT, before the harness puts its own tree first on sys.path
+
+    assert pathlib.Path(meshlib.__file__).parents[1] == ROOT, meshlib.__file__
+    from harness import grpc_test_service
 
     req = pb.SimpleRequest(response_size=1, payload=pb.Payload(body=b"x"))
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "integration" / "grpc_servers.py")],
-        stdout=subprocess.PIPE, text=True, env=env,
-    )
     clock = time.perf_counter_ns
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        with EtcdServer() as etcd, Mesh(etcd.endpoint, prefix="/bench/v1",
-                                        handle_sigterm=False) as mesh:
-            mesh.register("bench", port, protocol="grpc")
-            mesh.wait_for("bench")
-            plain = grpc.insecure_channel(f"127.0.0.1:{port}",
-                                          options=[("grpc.enable_retries", 0)])
-            real = pb_grpc.TestServiceStub(plain).UnaryCall
-            stub = pb_grpc.TestServiceStub(mesh.grpc_channel("bench"))
-            call = stub.UnaryCall
-            call(req)  # creates the endpoint's channel and multicallable
-            # the endpoint callables (cached per endpoint key) become no-ops: the mesh's own
-            # work is all that runs
-            call._mcs = {key: (lambda *_a: None) for key in call._mcs}  # type: ignore[attr-defined]
-            warm: list[int] = []
-            cold: list[int] = []
-            for _ in range(300):
-                real(req)
-                call(req)
-            for _ in range(calls):
-                t = clock()
-                call(req)
-                warm.append(clock() - t)
-            for _ in range(calls):
-                real(req)
-                t = clock()
-                call(req)
-                cold.append(clock() - t)
-            plain.close()
-            return statistics.median(warm) / 1000, statistics.median(cold) / 1000
-    finally:
-        server.terminate()
-        server.wait(5)
+    with grpc_test_service(ROOT) as (mesh, port):
+        plain = grpc.insecure_channel(f"127.0.0.1:{port}",
+                                      options=[("grpc.enable_retries", 0)])
+        real = pb_grpc.TestServiceStub(plain).UnaryCall
+        stub = pb_grpc.TestServiceStub(mesh.grpc_channel("bench"))
+        call = stub.UnaryCall
+        call(req)  # creates the endpoint's channel and multicallable
+        # the endpoint callables (cached per endpoint key) become no-ops: the mesh's own
+        # work is all that runs
+        call._mcs = {key: (lambda *_a: None) for key in call._mcs}  # type: ignore[attr-defined]
+        warm: list[int] = []
+        cold: list[int] = []
+        for _ in range(300):
+            real(req)
+            call(req)
+        for _ in range(calls):
+            t = clock()
+            call(req)
+            warm.append(clock() - t)
+        for _ in range(calls):
+            real(req)
+            t = clock()
+            call(req)
+            cold.append(clock() - t)
+        plain.close()
+        return statistics.median(warm) / 1000, statistics.median(cold) / 1000
 
 
 def compare(trees: list[str], runs: int, calls: int) -> int:

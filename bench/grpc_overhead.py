@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,9 +35,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 from grpc_proto import meshtest_pb2 as pb  # noqa: E402
 from grpc_proto import meshtest_pb2_grpc as pb_grpc  # noqa: E402
-
-from meshlib import Mesh  # noqa: E402
-from meshlib.testing.etcd import EtcdServer  # noqa: E402
+from harness import grpc_test_service  # noqa: E402
 
 REQ = pb.SimpleRequest(response_size=1, payload=pb.Payload(body=b"x"))
 
@@ -73,79 +69,65 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=40)
     args = ap.parse_args()
 
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "integration" / "grpc_servers.py")],
-        stdout=subprocess.PIPE, text=True, env=env,
-    )
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        with EtcdServer() as etcd, Mesh(etcd.endpoint, prefix="/bench/v1",
-                                        handle_sigterm=False) as mesh:
-            mesh.register("bench", port, protocol="grpc")
-            mesh.wait_for("bench")
-            target = f"127.0.0.1:{port}"
-            plain = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
-            meshch = mesh.grpc_channel("bench")
-            stubs = {"plain_sync": pb_grpc.TestServiceStub(plain),
-                     "mesh_sync": pb_grpc.TestServiceStub(meshch)}
-            loop = asyncio.new_event_loop()
+    with grpc_test_service() as (mesh, port):
+        target = f"127.0.0.1:{port}"
+        plain = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        meshch = mesh.grpc_channel("bench")
+        stubs = {"plain_sync": pb_grpc.TestServiceStub(plain),
+                 "mesh_sync": pb_grpc.TestServiceStub(meshch)}
+        loop = asyncio.new_event_loop()
 
-            async def make_aio() -> tuple[object, object]:
-                return (grpc.aio.insecure_channel(target,
-                                                  options=[("grpc.enable_retries", 0)]),
-                        mesh.async_grpc_channel("bench"))
+        async def make_aio() -> tuple[object, object]:
+            return (grpc.aio.insecure_channel(target,
+                                              options=[("grpc.enable_retries", 0)]),
+                    mesh.async_grpc_channel("bench"))
 
-            aplain, amesh = loop.run_until_complete(make_aio())
-            stubs["plain_aio"] = pb_grpc.TestServiceStub(aplain)
-            stubs["mesh_aio"] = pb_grpc.TestServiceStub(amesh)
-            samples: dict[str, list[int]] = {k: [] for k in stubs}
-            # warm-up (connections, code paths)
-            for name, stub in stubs.items():
-                sink: list[int] = []
+        aplain, amesh = loop.run_until_complete(make_aio())
+        stubs["plain_aio"] = pb_grpc.TestServiceStub(aplain)
+        stubs["mesh_aio"] = pb_grpc.TestServiceStub(amesh)
+        samples: dict[str, list[int]] = {k: [] for k in stubs}
+        # warm-up (connections, code paths)
+        for name, stub in stubs.items():
+            sink: list[int] = []
+            if name.endswith("aio"):
+                loop.run_until_complete(aio_batch(stub, 200, sink))
+            else:
+                sync_batch(stub, 200, sink)
+        order = list(stubs)
+        paired: dict[str, list[float]] = {"sync": [], "aio": []}
+        for r in range(args.rounds):
+            rot = order[r % 4:] + order[:r % 4]
+            round_p50: dict[str, float] = {}
+            for name in rot:
+                batch: list[int] = []
                 if name.endswith("aio"):
-                    loop.run_until_complete(aio_batch(stub, 200, sink))
+                    loop.run_until_complete(aio_batch(stubs[name], args.batch, batch))
                 else:
-                    sync_batch(stub, 200, sink)
-            order = list(stubs)
-            paired: dict[str, list[float]] = {"sync": [], "aio": []}
-            for r in range(args.rounds):
-                rot = order[r % 4:] + order[:r % 4]
-                round_p50: dict[str, float] = {}
-                for name in rot:
-                    batch: list[int] = []
-                    if name.endswith("aio"):
-                        loop.run_until_complete(aio_batch(stubs[name], args.batch, batch))
-                    else:
-                        sync_batch(stubs[name], args.batch, batch)
-                    samples[name] += batch
-                    round_p50[name] = statistics.median(batch)
-                for kind in ("sync", "aio"):
-                    paired[kind].append(round_p50[f"mesh_{kind}"] / round_p50[f"plain_{kind}"])
-            for name in order:
-                s = samples[name]
-                print(f"{name:11s} n={len(s):6d} p50={pct(s, 0.5):8.1f}us "
-                      f"p99={pct(s, 0.99):8.1f}us mean={statistics.fmean(s) / 1000:8.1f}us")
+                    sync_batch(stubs[name], args.batch, batch)
+                samples[name] += batch
+                round_p50[name] = statistics.median(batch)
+            for kind in ("sync", "aio"):
+                paired[kind].append(round_p50[f"mesh_{kind}"] / round_p50[f"plain_{kind}"])
+        for name in order:
+            s = samples[name]
+            print(f"{name:11s} n={len(s):6d} p50={pct(s, 0.5):8.1f}us "
+                  f"p99={pct(s, 0.99):8.1f}us mean={statistics.fmean(s) / 1000:8.1f}us")
 
-            async def close_aio() -> None:
-                await aplain.close()  # type: ignore[attr-defined]
-                await amesh.close()  # type: ignore[attr-defined]
+        async def close_aio() -> None:
+            await aplain.close()  # type: ignore[attr-defined]
+            await amesh.close()  # type: ignore[attr-defined]
 
-            loop.run_until_complete(close_aio())
-            loop.close()
-            plain.close()
-            meshch.close()
-            # the same ratio per round (batches run back to back), robust to drift between rounds
-            print("paired per-round p50 ratio (median [min, max]): " + "  ".join(
-                f"{k}={statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
-                for k, v in paired.items()))
-            rs = pct(samples["mesh_sync"], 0.5) / pct(samples["plain_sync"], 0.5)
-            ra = pct(samples["mesh_aio"], 0.5) / pct(samples["plain_aio"], 0.5)
-            print(f"grpc_overhead_ratio sync={rs:.3f} aio={ra:.3f}")
-    finally:
-        server.terminate()
-        server.wait(5)
+        loop.run_until_complete(close_aio())
+        loop.close()
+        plain.close()
+        meshch.close()
+        # the same ratio per round (batches run back to back), robust to drift between rounds
+        print("paired per-round p50 ratio (median [min, max]): " + "  ".join(
+            f"{k}={statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
+            for k, v in paired.items()))
+        rs = pct(samples["mesh_sync"], 0.5) / pct(samples["plain_sync"], 0.5)
+        ra = pct(samples["mesh_aio"], 0.5) / pct(samples["plain_aio"], 0.5)
+        print(f"grpc_overhead_ratio sync={rs:.3f} aio={ra:.3f}")
     return 0
 
 

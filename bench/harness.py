@@ -28,8 +28,10 @@ the ``meshlib`` of the checkout it belongs to, not another installed copy.
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -172,6 +174,27 @@ def etcd_with_service(
         mesh.register(service, port, protocol=protocol)
         mesh.wait_for(service, timeout=timeout)
         yield etcd, mesh
+
+
+@contextlib.contextmanager
+def grpc_test_service(root: pathlib.Path = ROOT) -> Iterator[tuple[Mesh, int]]:
+    """The tests' gRPC server (``tests/integration/grpc_servers.py``, service
+    ``meshtest.TestService``) in its own process, and a ``Mesh`` on a throwaway etcd with it
+    registered as ``bench`` (protocol grpc): ``(mesh, port)``. ``root`` is the source tree
+    whose server runs (``bench/grpc_cold.py --trees`` measures other trees)."""
+    env = dict(os.environ, PYTHONPATH=f"{root}:{root / 'tests'}")
+    server = subprocess.Popen(
+        [sys.executable, str(root / "tests" / "integration" / "grpc_servers.py")],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        with etcd_with_service("bench", port, protocol="grpc") as (_etcd, mesh):
+            yield mesh, port
+    finally:
+        server.terminate()
+        server.wait(5)
 
 
 def timed(call: Callable[[], object], n: int) -> list[float]:
