@@ -137,7 +137,7 @@ class _UnaryResponse(MultiCallableBase):
             mc = self._mcs.get(action.endpoint.key) if self._gen == self._pool.generation \
                 else None
             if mc is not None:
-                md = metadata if not self._extra else base_metadata(metadata, self._extra)
+                md = base_metadata(metadata, self._extra)
                 send = mc.with_call if with_call else mc
                 t0 = perf_counter()
                 try:
